@@ -1,0 +1,87 @@
+//! The admin listener: `/healthz` (the process serves), `/readyz` (a valid token is held) and, with the
+//! operations work, `/metrics`. Kept apart from the caller listener so probes never pass the access checks
+//! or count as proxied requests.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::auth::holder::Readiness;
+use crate::auth::TokenHolder;
+use crate::server::stopped;
+
+/// Serves admin requests until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, holder: Arc<TokenHolder>, mut shutdown: watch::Receiver<bool>) {
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new());
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut shutdown) => return,
+        };
+        let holder = holder.clone();
+        let conn = builder.serve_connection(
+            TokioIo::new(stream),
+            service_fn(move |req| {
+                let holder = holder.clone();
+                async move { Ok::<_, Infallible>(route(&req, &holder)) }
+            }),
+        );
+        tokio::spawn(conn);
+    }
+}
+
+fn route<B>(req: &Request<B>, holder: &TokenHolder) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/healthz" => json(StatusCode::OK, serde_json::json!({ "status": "ok" })),
+        "/readyz" => readyz(holder),
+        _ => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({ "error": "not_found", "message": "admin paths: /healthz, /readyz, /metrics" }),
+        ),
+    }
+}
+
+fn readyz(holder: &TokenHolder) -> Response<Full<Bytes>> {
+    let now = Instant::now();
+    match holder.readiness(now) {
+        Readiness::Ready { expires_in } => json(
+            StatusCode::OK,
+            serde_json::json!({ "status": "ready", "token_expires_in_seconds": expires_in.map(|d| d.as_secs()) }),
+        ),
+        Readiness::NotReady(u) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({
+                "status": "not_ready",
+                "reason": u.reason,
+                "retry_in_seconds": u.retry_at.saturating_duration_since(now).as_secs(),
+            }),
+        ),
+    }
+}
+
+fn json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}

@@ -1,0 +1,192 @@
+//! The token holder: the current `Authorization` header value behind an `arc-swap`, so the per-request cost is
+//! one atomic load and a reference-count increment. Renewals swap a new, ready-made value in; readers never
+//! block and never see a half-written token.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use http::HeaderValue;
+
+use crate::error::ProxyError;
+use crate::headers::bearer_value;
+use crate::secret::Secret;
+
+/// One access token, ready to inject.
+#[derive(Debug)]
+pub struct Token {
+    /// `Bearer <token>`, marked sensitive.
+    pub header: HeaderValue,
+    /// When the token stops being valid; `None` for static API tokens, which do not expire.
+    pub expires_at: Option<Instant>,
+    /// Counts renewals; a caller that saw a 401 with generation `g` asks for a renewal only if `g` is current.
+    pub generation: u64,
+}
+
+/// Why no token is available, for 503 answers and `/readyz`.
+#[derive(Debug, Clone)]
+pub struct Unavailable {
+    /// A sentence for the caller and the operator; never a secret.
+    pub reason: String,
+    /// When the next attempt to get a token is due.
+    pub retry_at: Instant,
+}
+
+/// The current token, shared by every request and the refresher.
+#[derive(Debug)]
+pub struct TokenHolder {
+    current: ArcSwapOption<Token>,
+    unavailable: ArcSwap<Unavailable>,
+}
+
+/// Readiness, as `/readyz` reports it.
+#[derive(Debug, Clone)]
+pub enum Readiness {
+    /// A valid token is held; `expires_in` is `None` for tokens that do not expire.
+    Ready {
+        /// Time left on the token.
+        expires_in: Option<Duration>,
+    },
+    /// No valid token.
+    NotReady(Unavailable),
+}
+
+impl Default for TokenHolder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TokenHolder {
+    /// An empty holder: requests get 503 until a token is stored.
+    pub fn new() -> Self {
+        Self {
+            current: ArcSwapOption::empty(),
+            unavailable: ArcSwap::from_pointee(Unavailable {
+                reason: "no token obtained yet".to_owned(),
+                retry_at: Instant::now() + Duration::from_secs(1),
+            }),
+        }
+    }
+
+    /// A holder with a static API token that never expires. `None` when the token cannot be a header value.
+    pub fn with_static(token: &Secret) -> Option<Self> {
+        let holder = Self::new();
+        holder.store(bearer_value(token.expose())?, None);
+        Some(holder)
+    }
+
+    /// Stores a new token and returns its generation.
+    pub fn store(&self, header: HeaderValue, expires_at: Option<Instant>) -> u64 {
+        let generation = self.current.load().as_ref().map_or(1, |t| t.generation + 1);
+        self.current.store(Some(Arc::new(Token {
+            header,
+            expires_at,
+            generation,
+        })));
+        generation
+    }
+
+    /// Drops the current token (it was rejected) and records why and when the next attempt is due.
+    pub fn clear(&self, reason: String, retry_at: Instant) {
+        self.current.store(None);
+        self.set_unavailable(reason, retry_at);
+    }
+
+    /// Records why the next token is late, without touching a still-valid current one.
+    pub fn set_unavailable(&self, reason: String, retry_at: Instant) {
+        self.unavailable.store(Arc::new(Unavailable { reason, retry_at }));
+    }
+
+    /// The current token, if it is still valid at `now`. A token past its expiry is never returned.
+    pub fn valid_token(&self, now: Instant) -> Option<Arc<Token>> {
+        let token = self.current.load_full()?;
+        match token.expires_at {
+            Some(exp) if exp <= now => None,
+            _ => Some(token),
+        }
+    }
+
+    /// The token to inject into a request, or the 503 to answer with.
+    pub fn bearer(&self, now: Instant) -> Result<Arc<Token>, ProxyError> {
+        self.valid_token(now).ok_or_else(|| self.unavailable_error(now))
+    }
+
+    fn unavailable_error(&self, now: Instant) -> ProxyError {
+        let u = self.unavailable.load();
+        let reason = if self.current.load().is_some() {
+            "the token expired and its renewal has not succeeded yet".to_owned()
+        } else {
+            u.reason.clone()
+        };
+        ProxyError::TokenUnavailable {
+            reason,
+            retry_after: u.retry_at.saturating_duration_since(now).max(Duration::from_secs(1)),
+        }
+    }
+
+    /// Whether a token is held, for `/readyz`.
+    pub fn readiness(&self, now: Instant) -> Readiness {
+        match self.valid_token(now) {
+            Some(t) => Readiness::Ready {
+                expires_in: t.expires_at.map(|e| e.saturating_duration_since(now)),
+            },
+            None => match self.unavailable_error(now) {
+                ProxyError::TokenUnavailable { reason, .. } => Readiness::NotReady(Unavailable {
+                    reason,
+                    retry_at: self.unavailable.load().retry_at,
+                }),
+                _ => unreachable!("unavailable_error builds TokenUnavailable"),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_holder_answers_503_with_retry_after() {
+        let h = TokenHolder::new();
+        let err = h.bearer(Instant::now()).unwrap_err();
+        assert_eq!(err.code(), "token_unavailable");
+        assert!(matches!(h.readiness(Instant::now()), Readiness::NotReady(_)));
+    }
+
+    #[test]
+    fn static_token_never_expires() {
+        let h = TokenHolder::with_static(&Secret::new("abc")).unwrap();
+        let t = h.bearer(Instant::now() + Duration::from_secs(86_400 * 365)).unwrap();
+        assert_eq!(t.header, "Bearer abc");
+        assert!(t.header.is_sensitive());
+    }
+
+    #[test]
+    fn expired_token_is_never_returned() {
+        let h = TokenHolder::new();
+        let now = Instant::now();
+        h.store(
+            HeaderValue::from_static("Bearer x"),
+            Some(now + Duration::from_secs(10)),
+        );
+        assert!(h.bearer(now).is_ok());
+        let err = h.bearer(now + Duration::from_secs(10)).unwrap_err();
+        assert!(err.to_string().contains("expired"), "{err}");
+    }
+
+    #[test]
+    fn generations_increase_and_clear_empties() {
+        let h = TokenHolder::new();
+        assert_eq!(h.store(HeaderValue::from_static("Bearer a"), None), 1);
+        assert_eq!(h.store(HeaderValue::from_static("Bearer b"), None), 2);
+        h.clear("rejected".into(), Instant::now() + Duration::from_secs(5));
+        match h.bearer(Instant::now()).unwrap_err() {
+            ProxyError::TokenUnavailable { reason, retry_after } => {
+                assert_eq!(reason, "rejected");
+                assert!(retry_after >= Duration::from_secs(4));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

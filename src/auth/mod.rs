@@ -1,0 +1,6 @@
+//! Everything about the token: the lock-free [`holder::TokenHolder`] the request path reads, and (in JWT mode)
+//! the ZapSign login/refresh client and the refresher task that keeps the holder filled.
+
+pub mod holder;
+
+pub use holder::{Token, TokenHolder};

@@ -1,0 +1,340 @@
+//! Header and query rules, as pure functions with a test per rule: hop-by-hop removal, forwarding headers,
+//! the request id, the injected Authorization, and the removal of the legacy `api_token` query parameter.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// `X-Forwarded-For`
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-Proto`
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `X-Forwarded-Host`
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// `X-Request-Id`
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// `Keep-Alive` (no constant in `http`)
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+/// `Proxy-Connection`: non-standard, sent by old clients
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop headers of RFC 9110 §7.6.1 plus the legacy `Keep-Alive` and `Proxy-Connection`, and the proxy's
+/// own `Proxy-Authorization` / `Proxy-Authenticate` (RFC 9110 §11.7), which are meant for this hop only.
+static HOP_BY_HOP: [&HeaderName; 10] = [
+    &header::CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &header::TE,
+    &header::TRAILER,
+    &header::TRANSFER_ENCODING,
+    &header::UPGRADE,
+    &header::PROXY_AUTHORIZATION,
+    &header::PROXY_AUTHENTICATE,
+    &header::EXPECT,
+];
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1): first every header that `Connection` (and the legacy
+/// `Proxy-Connection`) names, then the fixed list. The `Connection` list is read before `Connection` itself is
+/// removed, or the headers it names would leak to the next hop.
+///
+/// `Expect` is removed too: the proxy answers `100-continue` to its caller itself (hyper does so when the body
+/// is first read), so the upstream must not wait for a body the proxy already streams.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(&header::CONNECTION) || headers.contains_key(&PROXY_CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(&header::CONNECTION)
+            .iter()
+            .chain(headers.get_all(&PROXY_CONNECTION).iter())
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Appends the caller's address to `X-Forwarded-For` (keeping what earlier proxies wrote, as one value), and
+/// sets `X-Forwarded-Proto` and `X-Forwarded-Host` to what the caller used to reach this proxy.
+pub fn set_forwarding(headers: &mut HeaderMap, client: IpAddr, proto: &'static str, caller_host: Option<HeaderValue>) {
+    let mut ip_buf = [0u8; 64];
+    let ip = format_ip(client, &mut ip_buf);
+    let mut earlier = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .peekable();
+    let value = if earlier.peek().is_none() {
+        HeaderValue::from_str(ip)
+    } else {
+        let mut joined = String::with_capacity(64);
+        for v in earlier {
+            joined.push_str(v);
+            joined.push_str(", ");
+        }
+        joined.push_str(ip);
+        HeaderValue::from_str(&joined)
+    };
+    if let Ok(value) = value {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
+    }
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    match caller_host {
+        Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host),
+        None => headers.remove(&X_FORWARDED_HOST),
+    };
+}
+
+/// Formats an IP address into `buf` without allocating.
+fn format_ip(ip: IpAddr, buf: &mut [u8; 64]) -> &str {
+    use std::io::Write;
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    // 64 bytes hold any IPv4 or IPv6 text form (at most 45 bytes).
+    let _ = write!(cursor, "{ip}");
+    let len = cursor.position() as usize;
+    std::str::from_utf8(&buf[..len]).unwrap_or("unknown")
+}
+
+/// Replaces whatever `Authorization` the caller sent with the proxy's token header.
+pub fn set_authorization(headers: &mut HeaderMap, bearer: &HeaderValue) {
+    headers.insert(header::AUTHORIZATION, bearer.clone());
+}
+
+/// Builds the `Authorization: Bearer <token>` value once per token, marked sensitive so that HTTP/2 never
+/// indexes it (HPACK) and `Debug` output hides it. `None` when the token holds bytes a header cannot carry.
+pub fn bearer_value(token: &str) -> Option<HeaderValue> {
+    let mut value = HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
+    value.set_sensitive(true);
+    Some(value)
+}
+
+/// Returns the caller's `X-Request-Id` when it is a sane id (1-128 visible ASCII letters, digits or `-_.:`),
+/// else a new one, and writes it into `headers` so the upstream sees the same id.
+pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(&X_REQUEST_ID) {
+        if is_sane_request_id(v.as_bytes()) {
+            return v.clone();
+        }
+    }
+    let id = new_request_id();
+    headers.insert(X_REQUEST_ID.clone(), id.clone());
+    id
+}
+
+fn is_sane_request_id(b: &[u8]) -> bool {
+    !b.is_empty()
+        && b.len() <= 128
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
+}
+
+/// A new request id: a per-process random prefix and a counter, 32 hex digits, no syscall per request.
+pub fn new_request_id() -> HeaderValue {
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(rand::random::<u64>);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut buf = [0u8; 32];
+    hex_into(prefix, &mut buf[..16]);
+    hex_into(n, &mut buf[16..]);
+    // Hex digits are always a valid header value.
+    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+fn hex_into(mut n: u64, out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for slot in out.iter_mut().rev() {
+        *slot = DIGITS[(n & 0xf) as usize];
+        n >>= 4;
+    }
+}
+
+/// Removes every `api_token` parameter from a query string and keeps everything else byte for byte.
+///
+/// Legacy ZapSign SDKs send their token as `?api_token=...`; it is a secret and must not reach the upstream
+/// next to the proxy's own token. A parameter counts as `api_token` when its name, percent-decoded, is
+/// `api_token` (servers decode names, so `api%5Ftoken` is the same parameter). Returns `None` when no
+/// parameter is left (so the request carries no `?`), and borrows when nothing was removed.
+pub fn strip_api_token(query: &str) -> Option<Cow<'_, str>> {
+    if !query.split('&').any(is_api_token_param) {
+        return if query.is_empty() {
+            None
+        } else {
+            Some(Cow::Borrowed(query))
+        };
+    }
+    let kept: Vec<&str> = query.split('&').filter(|p| !is_api_token_param(p)).collect();
+    if kept.iter().all(|p| p.is_empty()) {
+        return None;
+    }
+    Some(Cow::Owned(kept.join("&")))
+}
+
+fn is_api_token_param(param: &str) -> bool {
+    let name = param.split('=').next().unwrap_or("");
+    if name == "api_token" {
+        return true;
+    }
+    // Slow path only when the name is escaped: decode and compare.
+    name.contains('%') && percent_decode(name).as_slice() == b"api_token"
+}
+
+fn percent_decode(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn removes_fixed_hop_by_hop_headers() {
+        let mut h = map(&[
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("trailer", "x"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("proxy-authorization", "Bearer k"),
+            ("proxy-authenticate", "Basic"),
+            ("expect", "100-continue"),
+            ("content-type", "application/json"),
+        ]);
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("content-type"));
+    }
+
+    #[test]
+    fn removes_headers_named_by_connection_before_connection() {
+        let mut h = map(&[
+            ("connection", "close, X-Secret-Hop"),
+            ("connection", "x-other"),
+            ("x-secret-hop", "1"),
+            ("x-other", "2"),
+            ("x-kept", "3"),
+        ]);
+        remove_hop_by_hop(&mut h);
+        assert!(!h.contains_key("connection"));
+        assert!(!h.contains_key("x-secret-hop"));
+        assert!(!h.contains_key("x-other"));
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn connection_naming_invalid_tokens_is_harmless() {
+        let mut h = map(&[("connection", " , ,bad name,"), ("x-kept", "1")]);
+        remove_hop_by_hop(&mut h);
+        assert!(h.contains_key("x-kept"));
+        assert!(!h.contains_key("connection"));
+    }
+
+    #[test]
+    fn forwarded_for_is_appended() {
+        let mut h = map(&[("x-forwarded-for", "10.0.0.1"), ("x-forwarded-for", "10.0.0.2")]);
+        set_forwarding(&mut h, "127.0.0.1".parse().unwrap(), "http", None);
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 127.0.0.1");
+        let mut h = HeaderMap::new();
+        set_forwarding(
+            &mut h,
+            "::1".parse().unwrap(),
+            "https",
+            Some(HeaderValue::from_static("proxy:8080")),
+        );
+        assert_eq!(h["x-forwarded-for"], "::1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "proxy:8080");
+    }
+
+    #[test]
+    fn forwarded_host_from_caller_replaces_spoofed_one() {
+        let mut h = map(&[("x-forwarded-host", "evil.example"), ("x-forwarded-proto", "ftp")]);
+        set_forwarding(&mut h, "127.0.0.1".parse().unwrap(), "http", None);
+        assert!(!h.contains_key("x-forwarded-host"));
+        assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn authorization_is_replaced() {
+        let mut h = map(&[("authorization", "Bearer caller"), ("authorization", "Basic x")]);
+        let bearer = bearer_value("proxy-token").unwrap();
+        set_authorization(&mut h, &bearer);
+        assert_eq!(h.get_all("authorization").iter().count(), 1);
+        assert_eq!(h["authorization"], "Bearer proxy-token");
+        assert!(h["authorization"].is_sensitive());
+        assert!(bearer_value("bad\ntoken").is_none());
+    }
+
+    #[test]
+    fn request_id_kept_when_sane_else_generated() {
+        let mut h = map(&[("x-request-id", "abc-123")]);
+        assert_eq!(ensure_request_id(&mut h), "abc-123");
+        let mut h = map(&[("x-request-id", "has space\"and quote")]);
+        let id = ensure_request_id(&mut h);
+        assert_eq!(id.len(), 32);
+        assert_eq!(h["x-request-id"], id);
+        let mut h = HeaderMap::new();
+        let a = ensure_request_id(&mut h);
+        let b = ensure_request_id(&mut HeaderMap::new());
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn api_token_removed_everything_else_byte_for_byte() {
+        assert_eq!(strip_api_token("a=%20&api_token=T&b=2").as_deref(), Some("a=%20&b=2"));
+        assert_eq!(strip_api_token("api_token=T"), None);
+        assert_eq!(strip_api_token("api_token=T&api_token=U"), None);
+        assert_eq!(strip_api_token("api_token"), None);
+        assert_eq!(strip_api_token("a=1&api_token=").as_deref(), Some("a=1"));
+        assert_eq!(strip_api_token("api%5Ftoken=T&x=1").as_deref(), Some("x=1"));
+        assert_eq!(
+            strip_api_token("api_tokens=1&my_api_token=2").as_deref(),
+            Some("api_tokens=1&my_api_token=2")
+        );
+        assert_eq!(strip_api_token("a=%2F&&b"), Some(Cow::Borrowed("a=%2F&&b")));
+        assert_eq!(strip_api_token(""), None);
+        assert_eq!(strip_api_token("x=api_token=1").as_deref(), Some("x=api_token=1"));
+    }
+
+    #[test]
+    fn percent_decode_handles_truncated_escapes() {
+        assert_eq!(percent_decode("a%5"), b"a%5");
+        assert_eq!(percent_decode("%zz"), b"%zz");
+        assert_eq!(percent_decode("%41"), b"A");
+    }
+}

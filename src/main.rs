@@ -1,0 +1,171 @@
+//! The `zapsign-proxy` command: parses the command line, loads the configuration, sets up logging and the
+//! runtime, and runs the proxy, the bundled mock, or both (`demo`). Exit codes: 0 clean shutdown, 1 runtime
+//! failure, 2 bad command line or config.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use zapsign_proxy::config::{process_env, Config, ConfigError};
+use zapsign_proxy::mock::{self, MockConfig, MockZapSign};
+use zapsign_proxy::{logging, Listeners};
+
+/// A reverse proxy in front of the ZapSign API that holds the credentials and injects a valid Bearer token.
+#[derive(Debug, Parser)]
+#[command(name = "zapsign-proxy", version, about)]
+struct Cli {
+    /// Configuration file (TOML); without one, defaults and environment variables apply.
+    #[arg(long, env = "ZAPSIGN_PROXY_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Validate the configuration, print it with secrets redacted, and exit (0 valid, 2 invalid).
+    #[arg(long)]
+    check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the bundled mock of ZapSign (login, refresh, echo) for local trials.
+    MockUpstream {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+    },
+    /// Run the proxy and the bundled mock in one process, with demo credentials, and print a curl line to try.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::MockUpstream { listen }) => exit(run_mock(listen)),
+        Some(Command::Demo) => match demo_config(&cli) {
+            Ok(config) => exit(run_proxy(config, true)),
+            Err(e) => config_failure(&e),
+        },
+        None => match Config::load(cli.config.as_deref(), &process_env).and_then(|c| check_tls(c, &cli)) {
+            Err(e) => config_failure(&e),
+            Ok(config) if cli.check_config => {
+                print!("{}", config.to_redacted_toml());
+                ExitCode::SUCCESS
+            }
+            Ok(config) => exit(run_proxy(config, false)),
+        },
+    }
+}
+
+/// `--check-config` also proves the CA file parses; the proxy itself checks it again at start.
+fn check_tls(config: Config, cli: &Cli) -> Result<Config, ConfigError> {
+    if cli.check_config {
+        zapsign_proxy::tls::client_config(config.upstream.ca_file.as_deref())?;
+    }
+    Ok(config)
+}
+
+fn config_failure(e: &ConfigError) -> ExitCode {
+    eprintln!("zapsign-proxy: invalid configuration: {e}");
+    ExitCode::from(2)
+}
+
+fn exit(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("zapsign-proxy: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The demo: defaults and environment as usual, but static mode against the bundled mock.
+fn demo_config(cli: &Cli) -> Result<Config, ConfigError> {
+    let text = format!("[auth]\nmode = \"static\"\napi_token = \"{}\"\n", mock::DEMO_API_TOKEN);
+    let mut config = match &cli.config {
+        Some(_) => Config::load(cli.config.as_deref(), &process_env)?,
+        None => Config::from_toml(&text, &|name| match name {
+            // The demo never talks to the real ZapSign, so real credentials in the environment are ignored.
+            "ZAPSIGN_API_TOKEN" | "ZAPSIGN_PASSWORD" | "ZAPSIGN_USERNAME" | "ZAPSIGN_ORGANIZATION_ID" => None,
+            other => process_env(other),
+        })?,
+    };
+    config.server.workers = config.server.workers.min(2);
+    Ok(config)
+}
+
+fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn run_proxy(mut config: Config, demo: bool) -> anyhow::Result<()> {
+    logging::init(&config.log);
+    runtime(config.server.workers)?.block_on(async move {
+        let _mock = if demo {
+            let mock = MockZapSign::start(MockConfig::default())
+                .await
+                .context("cannot start the demo mock")?;
+            config.upstream.url = zapsign_proxy::config::BaseUrl::parse("upstream.url", &mock.url())?;
+            config.auth.url = config.upstream.url.clone();
+            Some(mock)
+        } else {
+            None
+        };
+        let listeners = Listeners::bind(&config).await?;
+        if demo {
+            let addr = listeners.proxy.local_addr()?;
+            println!("zapsign-proxy demo: proxy on http://{addr}, mock ZapSign behind it. Try:");
+            println!("  curl -s 'http://{addr}/api/v1/docs/?page=1&api_token=stale-caller-token'");
+            println!("The mock echoes what it received: note the injected Authorization and the removed api_token.");
+            if let Some(admin) = &listeners.admin {
+                println!("  curl -s http://{}/readyz", admin.local_addr()?);
+            }
+        }
+        zapsign_proxy::run(config, listeners, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+fn run_mock(listen: SocketAddr) -> anyhow::Result<()> {
+    logging::init(&zapsign_proxy::config::LogConfig {
+        format: zapsign_proxy::config::LogFormat::Text,
+        level: "info".into(),
+    });
+    runtime(1)?.block_on(async move {
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let cfg = MockConfig::default();
+        println!(
+            "mock ZapSign on http://{listen}: static token {:?}; login organization {:?}, username {:?}, password {:?}",
+            mock::DEMO_API_TOKEN,
+            mock::DEMO_ORGANIZATION_ID,
+            mock::DEMO_USERNAME,
+            mock::DEMO_PASSWORD
+        );
+        let mock = MockZapSign::start_on(listener, cfg);
+        shutdown_signal().await;
+        drop(mock);
+        Ok(())
+    })
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers we cannot shut down gracefully; Ctrl-C still ends the process.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

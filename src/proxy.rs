@@ -1,0 +1,223 @@
+//! The per-request service: checks the caller, rewrites the request (target, hop-by-hop headers, Host,
+//! forwarding headers, the injected token), streams it to the upstream and streams the answer back.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HOST, PROXY_AUTHORIZATION};
+use http::request::Parts;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Method, Request, Response, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::auth::TokenHolder;
+use crate::config::{AccessConfig, BaseUrl};
+use crate::error::ProxyError;
+use crate::headers::{
+    ensure_request_id, remove_hop_by_hop, set_authorization, set_forwarding, strip_api_token, X_REQUEST_ID,
+};
+use crate::upstream::{classify, UpstreamClient};
+
+/// The body of every response the proxy sends: the upstream's, streamed, or the proxy's own JSON error.
+pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+
+/// State shared by every request; built once at start.
+pub struct Proxy {
+    upstream: BaseUrl,
+    response_timeout: Duration,
+    client: UpstreamClient<Incoming>,
+    holder: Arc<TokenHolder>,
+    access: AccessConfig,
+}
+
+impl Proxy {
+    /// Assembles the request path.
+    pub fn new(
+        upstream: BaseUrl,
+        response_timeout: Duration,
+        client: UpstreamClient<Incoming>,
+        holder: Arc<TokenHolder>,
+        access: AccessConfig,
+    ) -> Self {
+        Self {
+            upstream,
+            response_timeout,
+            client,
+            holder,
+            access,
+        }
+    }
+
+    /// Serves one request from `peer`, who reached us over `proto` (`"http"` or `"https"`). Never fails: every
+    /// error becomes the contract's JSON answer.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        proto: &'static str,
+    ) -> Response<ResponseBody> {
+        let start = Instant::now();
+        let (mut parts, body) = req.into_parts();
+        let request_id = ensure_request_id(&mut parts.headers);
+        // The path only: the query may hold a legacy `api_token`.
+        let span = info_span!(
+            "request",
+            id = request_id.to_str().unwrap_or("-"),
+            method = %parts.method,
+            path = parts.uri.path(),
+        );
+        let mut resp = match self.forward(parts, body, peer, proto).instrument(span.clone()).await {
+            Ok(resp) => resp.map(Either::Left),
+            Err(err) => {
+                span.in_scope(|| warn!(error = err.code(), "{err}"));
+                err.to_response().map(Either::Right)
+            }
+        };
+        resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+        span.in_scope(|| {
+            info!(
+                status = resp.status().as_u16(),
+                duration_us = start.elapsed().as_micros() as u64,
+                client = %peer.ip(),
+                "served"
+            )
+        });
+        resp
+    }
+
+    async fn forward(
+        &self,
+        mut parts: Parts,
+        body: Incoming,
+        peer: SocketAddr,
+        proto: &'static str,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        self.check_access(&parts, peer)?;
+        let path_and_query = self.target(&parts)?;
+        let token = self.holder.bearer(Instant::now())?;
+        let caller_host = caller_host(&parts);
+        remove_hop_by_hop(&mut parts.headers);
+        set_authorization(&mut parts.headers, &token.header);
+        parts.headers.insert(HOST, self.upstream.host_header.clone());
+        set_forwarding(&mut parts.headers, peer.ip(), proto, caller_host);
+        parts.uri = self.upstream_uri(path_and_query)?;
+        parts.version = Version::HTTP_11;
+        let req = Request::from_parts(parts, body);
+        let mut resp = match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+            Err(_) => {
+                return Err(ProxyError::UpstreamTimeout {
+                    timeout: self.response_timeout,
+                })
+            }
+            Ok(Err(e)) => return Err(classify(e)),
+            Ok(Ok(resp)) => resp,
+        };
+        remove_hop_by_hop(resp.headers_mut());
+        Ok(resp)
+    }
+
+    /// The contract's order: caller network (403), client key (407), path (403).
+    fn check_access(&self, parts: &Parts, peer: SocketAddr) -> Result<(), ProxyError> {
+        let ip = peer.ip().to_canonical();
+        if !self.access.allow_networks.iter().any(|n| n.contains(&ip)) {
+            return Err(ProxyError::Forbidden(
+                "the caller's address is not in access.allow_networks",
+            ));
+        }
+        if !self.access.client_keys.is_empty() {
+            let presented = parts
+                .headers
+                .get(PROXY_AUTHORIZATION)
+                .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+                .ok_or(ProxyError::ProxyAuthRequired)?;
+            // Every key is compared, so the time taken does not tell which key came close.
+            let matched = self
+                .access
+                .client_keys
+                .iter()
+                .fold(false, |found, key| key.constant_time_eq(presented) | found);
+            if !matched {
+                return Err(ProxyError::ProxyAuthRequired);
+            }
+        }
+        let path = parts.uri.path();
+        if !self.access.allow_paths.iter().any(|p| path.starts_with(p.as_str())) {
+            return Err(ProxyError::Forbidden("the path is not in access.allow_paths"));
+        }
+        Ok(())
+    }
+
+    /// The path and query to send upstream. Refuses `CONNECT` and absolute-form targets naming any other
+    /// authority, so the token never goes anywhere but the upstream (RFC 9112 §3.2.2: a server must accept
+    /// absolute-form; we accept it only for the upstream itself and forward it in origin form).
+    fn target(&self, parts: &Parts) -> Result<PathAndQuery, ProxyError> {
+        if parts.method == Method::CONNECT {
+            return Err(ProxyError::BadRequest(
+                "CONNECT is not supported: this proxy only forwards requests to the ZapSign API",
+            ));
+        }
+        // In HTTP/2 the authority is the `:authority` pseudo-header, the equivalent of Host: it never chooses
+        // the destination. In HTTP/1.1 an authority in the URI means an absolute-form target.
+        if parts.version != Version::HTTP_2 {
+            if let Some(authority) = parts.uri.authority() {
+                if !self.names_upstream(parts.uri.scheme(), authority) {
+                    return Err(ProxyError::BadRequest(
+                        "the request target names another host: send origin-form targets (/api/v1/...) to this proxy",
+                    ));
+                }
+            }
+        }
+        let pq = parts
+            .uri
+            .path_and_query()
+            .ok_or(ProxyError::BadRequest("the request has no path"))?;
+        if !pq.path().starts_with('/') {
+            return Err(ProxyError::BadRequest("the request path must start with /"));
+        }
+        match pq.query() {
+            None => Ok(pq.clone()),
+            Some(q) => match strip_api_token(q) {
+                Some(kept) if kept.len() == q.len() => Ok(pq.clone()),
+                Some(kept) => PathAndQuery::from_maybe_shared(Bytes::from(format!("{}?{kept}", pq.path())))
+                    .map_err(|_| ProxyError::BadRequest("the request target is malformed")),
+                None => PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(pq.path().as_bytes()))
+                    .map_err(|_| ProxyError::BadRequest("the request target is malformed")),
+            },
+        }
+    }
+
+    /// Whether an absolute-form authority is the upstream's: same host (case-insensitive), same port, no user info.
+    fn names_upstream(&self, scheme: Option<&Scheme>, authority: &Authority) -> bool {
+        if authority.as_str().contains('@') {
+            return false;
+        }
+        let port = authority
+            .port_u16()
+            .unwrap_or(if scheme == Some(&Scheme::HTTPS) { 443 } else { 80 });
+        authority.host().eq_ignore_ascii_case(self.upstream.authority.host()) && port == self.upstream.port()
+    }
+
+    fn upstream_uri(&self, path_and_query: PathAndQuery) -> Result<Uri, ProxyError> {
+        // Built from parts, never from a string, so a path such as `//evil.example/x` stays a path.
+        Uri::builder()
+            .scheme(self.upstream.scheme.clone())
+            .authority(self.upstream.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|_| ProxyError::BadRequest("the request target is malformed"))
+    }
+}
+
+/// What the caller used to reach us: `Host`, or the HTTP/2 `:authority`.
+fn caller_host(parts: &Parts) -> Option<HeaderValue> {
+    parts.headers.get(HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    })
+}

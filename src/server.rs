@@ -1,0 +1,241 @@
+//! The caller-facing listener: accept loop with a connection limit, HTTP/1.1 served directly and HTTP/2
+//! (h2c prior knowledge) detected from the connection preface, `server.header_read_timeout`, and graceful
+//! shutdown within `server.shutdown_grace`.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tracing::{debug, info, warn};
+
+use crate::config::ServerConfig;
+use crate::proxy::Proxy;
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4): a client speaking h2c with prior knowledge starts with it.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Per-connection protocol settings, built once.
+struct ConnSettings {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+    header_read_timeout: Duration,
+}
+
+impl ConnSettings {
+    fn new(cfg: &ServerConfig) -> Self {
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(cfg.header_read_timeout)
+            .keep_alive(true);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(256)
+            .keep_alive_interval(Some(Duration::from_secs(30)));
+        Self {
+            http1: h1,
+            http2: h2,
+            header_read_timeout: cfg.header_read_timeout,
+        }
+    }
+}
+
+/// Waits until `rx` says stop (or its sender is gone).
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Accepts and serves callers until `shutdown` turns true, then closes the listener (new connections are
+/// refused, not left waiting) and lets open requests finish within `server.shutdown_grace`.
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, cfg: &ServerConfig, mut shutdown: watch::Receiver<bool>) {
+    let settings = Arc::new(ConnSettings::new(cfg));
+    let limit = Arc::new(Semaphore::new(cfg.max_connections));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let permit = tokio::select! {
+            permit = limit.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = stopped(&mut shutdown) => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // EMFILE and friends: pause instead of spinning; the backlog keeps callers waiting.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut shutdown) => break,
+        };
+        // Requests and responses are small and interactive: Nagle's delay would cost up to 40 ms each.
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        let settings = settings.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            serve_connection(stream, peer, "http", proxy, &settings, watcher).await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    info!(grace = ?cfg.shutdown_grace, "stopped accepting; letting open requests finish");
+    tokio::select! {
+        _ = graceful.shutdown() => info!("all connections closed"),
+        _ = tokio::time::sleep(cfg.shutdown_grace) => warn!(grace = ?cfg.shutdown_grace, "server.shutdown_grace passed with requests still open; closing them"),
+    }
+}
+
+/// Serves one caller connection, HTTP/1.1 or HTTP/2 by its first bytes.
+async fn serve_connection<T>(
+    mut io: T,
+    peer: SocketAddr,
+    proto: &'static str,
+    proxy: Arc<Proxy>,
+    settings: &ConnSettings,
+    watcher: Watcher,
+) where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut prefix = [0u8; 24];
+    let (len, is_h2) = match tokio::time::timeout(settings.header_read_timeout, sniff(&mut io, &mut prefix)).await {
+        Ok(Ok((0, _))) => return,
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "connection failed before its first request");
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "no request within server.header_read_timeout; closing");
+            return;
+        }
+    };
+    let io = TokioIo::new(Prefixed {
+        prefix,
+        start: 0,
+        end: len as u8,
+        inner: io,
+    });
+    let service = service_fn(move |req| {
+        let proxy = proxy.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(req, peer, proto).await) }
+    });
+    let result = if is_h2 {
+        watcher.watch(settings.http2.serve_connection(io, service)).await
+    } else {
+        watcher.watch(settings.http1.serve_connection(io, service)).await
+    };
+    if let Err(e) = result {
+        debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Reads until the bytes so far differ from the HTTP/2 preface (HTTP/1.1) or match all of it (HTTP/2).
+/// Returns how many bytes were read and whether the connection is HTTP/2; 0 bytes means the caller left.
+async fn sniff<T: AsyncRead + Unpin>(io: &mut T, buf: &mut [u8; 24]) -> io::Result<(usize, bool)> {
+    let mut n = 0;
+    loop {
+        let read = io.read(&mut buf[n..]).await?;
+        if read == 0 {
+            return Ok((n, false));
+        }
+        n += read;
+        if buf[..n] != H2_PREFACE[..n] {
+            return Ok((n, false));
+        }
+        if n == H2_PREFACE.len() {
+            return Ok((n, true));
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An I/O stream that first replays the bytes already read while sniffing the protocol.
+    struct Prefixed<T> {
+        prefix: [u8; 24],
+        start: u8,
+        end: u8,
+        #[pin]
+        inner: T,
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Prefixed<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        if *this.start < *this.end {
+            let available = &this.prefix[*this.start as usize..*this.end as usize];
+            let n = available.len().min(buf.remaining());
+            buf.put_slice(&available[..n]);
+            *this.start += n as u8;
+            return Poll::Ready(Ok(()));
+        }
+        this.inner.poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Prefixed<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sniff_tells_http1_from_h2_preface() {
+        let mut buf = [0u8; 24];
+        let mut h1: &[u8] = b"GET / HTTP/1.1\r\n\r\n";
+        assert_eq!(sniff(&mut h1, &mut buf).await.unwrap(), (18, false));
+        let mut post: &[u8] = b"POST /api/ HTTP/1.1\r\n";
+        assert!(!sniff(&mut post, &mut buf).await.unwrap().1);
+        let mut h2: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nrest";
+        assert_eq!(sniff(&mut h2, &mut buf).await.unwrap(), (24, true));
+        let mut empty: &[u8] = b"";
+        assert_eq!(sniff(&mut empty, &mut buf).await.unwrap().0, 0);
+    }
+
+    #[tokio::test]
+    async fn prefixed_replays_sniffed_bytes_first() {
+        let mut p = Prefixed {
+            prefix: *b"GET / HTTP/1.1\r\n\r\n......",
+            start: 0,
+            end: 4,
+            inner: &b"rest"[..],
+        };
+        let mut out = Vec::new();
+        p.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, b"GET rest");
+    }
+}

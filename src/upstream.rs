@@ -1,0 +1,59 @@
+//! The client towards ZapSign: a hyper-util pooled client over rustls (HTTP/2 by ALPN when the upstream offers
+//! it, HTTP/1.1 otherwise), with `upstream.connect_timeout` on the TCP connect and TCP_NODELAY.
+
+use std::time::Duration;
+
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::UpstreamConfig;
+use crate::error::{ProxyError, UpstreamFailure};
+
+/// The pooled client, generic over the request body type.
+pub type UpstreamClient<B> = Client<HttpsConnector<HttpConnector>, B>;
+
+/// Builds the pooled client for `cfg` with the given TLS settings.
+pub fn build_client<B>(cfg: &UpstreamConfig, tls: rustls::ClientConfig) -> UpstreamClient<B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    // Small request/response exchanges: Nagle's delay would add up to 40 ms per exchange.
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(cfg.connect_timeout));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let https = HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .build(https)
+}
+
+/// Maps a client error to the proxy's 502, with the cause chain as detail (it holds no secret: no request
+/// header or body is ever part of a hyper error).
+pub fn classify(err: hyper_util::client::legacy::Error) -> ProxyError {
+    let kind = if err.is_connect() {
+        UpstreamFailure::Connect
+    } else {
+        UpstreamFailure::Protocol
+    };
+    let mut detail = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        source = s.source();
+    }
+    ProxyError::UpstreamUnreachable { kind, detail }
+}
