@@ -105,6 +105,10 @@ impl ProxyError {
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             h.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
+        if let Self::BadRequest(_) = self {
+            // After a request we refused to parse or route, nothing later on this connection is trusted.
+            h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Self::ProxyAuthRequired = self {
             h.insert(http::header::PROXY_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }

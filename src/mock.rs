@@ -6,7 +6,7 @@
 //!   JWT, else 401 as ZapSign answers), and echoes what it received as JSON: method, raw target, headers,
 //!   body length and SHA-256. The body is hashed as it streams, never held.
 //! - Test hooks under `/api/v1/__mock/`: `download/{bytes}/` streams a known pattern, `slow/{ms}/` waits
-//!   before answering, `redirect/?to=URL` answers 302, `status/{code}/` answers that status.
+//!   before answering, `redirect/?to=URL` answers 302, `status/{code}/` answers that status, `hop-headers/` answers with hop-by-hop headers.
 //!
 //! Every request is recorded (the last [`RECORD_LIMIT`]) and counted, so tests assert on what it received.
 
@@ -232,6 +232,7 @@ pub struct MockZapSign {
     /// Its counters and records.
     pub state: Arc<MockState>,
     task: JoinHandle<()>,
+    https: bool,
 }
 
 impl MockZapSign {
@@ -243,17 +244,39 @@ impl MockZapSign {
 
     /// Starts a mock on an already-bound listener.
     pub fn start_on(listener: TcpListener, config: MockConfig) -> Self {
+        Self::start_inner(listener, config, None)
+    }
+
+    /// Starts a mock on 127.0.0.1 with a free port, serving HTTPS with `tls` (ALPN `h2` and `http/1.1`).
+    pub async fn start_tls(config: MockConfig, mut tls: rustls::ServerConfig) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Self::start_inner(
+            listener,
+            config,
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(tls))),
+        ))
+    }
+
+    fn start_inner(listener: TcpListener, config: MockConfig, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let addr = listener
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
         let state = Arc::new(MockState::new(config));
-        let task = tokio::spawn(serve(listener, state.clone()));
-        Self { addr, state, task }
+        let https = tls.is_some();
+        let task = tokio::spawn(serve(listener, state.clone(), tls));
+        Self {
+            addr,
+            state,
+            task,
+            https,
+        }
     }
 
-    /// `http://addr`, for `upstream.url`.
+    /// `http://addr` (or `https://`), for `upstream.url`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 }
 
@@ -263,8 +286,8 @@ impl Drop for MockZapSign {
     }
 }
 
-/// Serves until the task is dropped.
-pub async fn serve(listener: TcpListener, state: Arc<MockState>) {
+/// Serves until the task is dropped; with `tls`, over TLS offering HTTP/2 and HTTP/1.1 by ALPN.
+pub async fn serve(listener: TcpListener, state: Arc<MockState>, tls: Option<tokio_rustls::TlsAcceptor>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -272,16 +295,31 @@ pub async fn serve(listener: TcpListener, state: Arc<MockState>) {
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(req, &state).await) }
-            });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            match tls {
+                Some(acceptor) => {
+                    if let Ok(stream) = acceptor.accept(stream).await {
+                        serve_connection(stream, state).await;
+                    }
+                }
+                None => serve_connection(stream, state).await,
+            }
         });
     }
+}
+
+async fn serve_connection<IO>(io: IO, state: Arc<MockState>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(handle(req, &state).await) }
+    });
+    let _ = auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(io), service)
+        .await;
 }
 
 type MockBody = Either<Full<Bytes>, PatternBody>;
@@ -413,6 +451,20 @@ async fn test_hook(hook: &str, req: Request<Incoming>) -> Response<MockBody> {
             let mut resp = json_response(StatusCode::FOUND, json!({ "location": to }));
             if let Ok(v) = HeaderValue::from_str(&to) {
                 resp.headers_mut().insert(LOCATION, v);
+            }
+            resp
+        }
+        "hop-headers" => {
+            let mut resp = json_response(StatusCode::OK, json!({ "hop": true }));
+            let h = resp.headers_mut();
+            for (name, value) in [
+                ("connection", "x-resp-hop"),
+                ("x-resp-hop", "1"),
+                ("keep-alive", "timeout=5"),
+                ("proxy-authenticate", "Basic"),
+                ("x-resp-kept", "1"),
+            ] {
+                h.insert(http::HeaderName::from_static(name), HeaderValue::from_static(value));
             }
             resp
         }

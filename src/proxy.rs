@@ -144,8 +144,16 @@ impl Proxy {
                 return Err(ProxyError::ProxyAuthRequired);
             }
         }
-        let path = parts.uri.path();
-        if !self.access.allow_paths.iter().any(|p| path.starts_with(p.as_str())) {
+        // A CONNECT (authority-form) target has no path to check; `target` refuses it with 400.
+        let Some(pq) = parts.uri.path_and_query() else {
+            return Ok(());
+        };
+        if !self
+            .access
+            .allow_paths
+            .iter()
+            .any(|p| pq.path().starts_with(p.as_str()))
+        {
             return Err(ProxyError::Forbidden("the path is not in access.allow_paths"));
         }
         Ok(())

@@ -1,0 +1,107 @@
+//! Issue 2: failures towards the upstream and from callers end in the contract's answers, never a hang.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use zapsign_proxy::mock::{MockConfig, MockZapSign};
+
+#[tokio::test]
+async fn closed_upstream_port_gives_502_json_within_a_second() {
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closed_url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let mock = MockZapSign::start(MockConfig::default()).await.unwrap();
+    let text = "[auth]\nmode = \"static\"\napi_token = \"t\"\n";
+    let h = Harness::start_with(mock, text, &closed_url).await;
+    let start = Instant::now();
+    let a = send(h.addr, get(h.addr, "/api/v1/docs/")).await;
+    assert!(start.elapsed() < Duration::from_secs(1), "took {:?}", start.elapsed());
+    assert_proxy_error(&a, 502, "upstream_unreachable");
+    assert!(a.headers.contains_key("x-request-id"));
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn slow_upstream_gives_504_json_naming_the_timeout() {
+    let h = Harness::start_static("[upstream]\nresponse_timeout = \"300ms\"\n", MockConfig::default()).await;
+    let start = Instant::now();
+    let a = send(h.addr, get(h.addr, "/api/v1/__mock/slow/3000/")).await;
+    assert_proxy_error(&a, 504, "upstream_timeout");
+    assert!(a.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("upstream.response_timeout"));
+    assert!(start.elapsed() < Duration::from_secs(2), "took {:?}", start.elapsed());
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn header_dribbling_client_is_disconnected_after_header_read_timeout() {
+    let h = Harness::start_static("[server]\nheader_read_timeout = \"500ms\"\n", MockConfig::default()).await;
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    let start = Instant::now();
+    stream
+        .write_all(b"GET /api/v1/docs/ HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // Dribble one header line every 100 ms, for up to 5 s, until the proxy hangs up.
+    let mut closed_after = None;
+    for i in 0..50 {
+        let mut buf = [0u8; 512];
+        tokio::select! {
+            read = stream.read(&mut buf) => {
+                // Either a 408 answer or a plain close ends the exchange; both mean cut off.
+                let _ = read;
+                closed_after = Some(start.elapsed());
+                break;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                if stream.write_all(format!("X-Dribble-{i}: 1\r\n").as_bytes()).await.is_err() {
+                    closed_after = Some(start.elapsed());
+                    break;
+                }
+            }
+        }
+    }
+    let closed_after = closed_after.expect("the dribbling client was never disconnected");
+    assert!(
+        closed_after >= Duration::from_millis(400),
+        "cut off too early: {closed_after:?}"
+    );
+    assert!(
+        closed_after < Duration::from_secs(2),
+        "cut off too late: {closed_after:?}"
+    );
+    assert_eq!(h.mock.state.records().len(), 0);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn silent_client_is_disconnected_after_header_read_timeout() {
+    let h = Harness::start_static("[server]\nheader_read_timeout = \"300ms\"\n", MockConfig::default()).await;
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "connection still open: {read:?}"
+    );
+    assert!(start.elapsed() >= Duration::from_millis(250));
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn status_codes_of_the_upstream_pass_through_unchanged() {
+    let h = Harness::start_static("", MockConfig::default()).await;
+    for status in [201u16, 204, 400, 402, 403, 404, 406, 429, 500, 503] {
+        let a = send(h.addr, get(h.addr, &format!("/api/v1/__mock/status/{status}/"))).await;
+        assert_eq!(a.status.as_u16(), status);
+        assert!(a.headers.get("x-zapsign-proxy-error").is_none());
+    }
+    h.shutdown().await;
+}
