@@ -1,5 +1,5 @@
-//! The admin listener: `/healthz` (the process serves), `/readyz` (a valid token is held) and, with the
-//! operations work, `/metrics`. Kept apart from the caller listener so probes never pass the access checks
+//! The admin listener: `/healthz` (the process serves), `/readyz` (a valid token is held) and `/metrics`
+//! (Prometheus text). Kept apart from the caller listener so probes never pass the access checks
 //! or count as proxied requests.
 
 use std::convert::Infallible;
@@ -19,10 +19,16 @@ use tracing::warn;
 
 use crate::auth::holder::Readiness;
 use crate::auth::TokenHolder;
+use crate::metrics::Metrics;
 use crate::server::stopped;
 
 /// Serves admin requests until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, holder: Arc<TokenHolder>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    holder: Arc<TokenHolder>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new());
     loop {
@@ -37,22 +43,30 @@ pub async fn serve(listener: TcpListener, holder: Arc<TokenHolder>, mut shutdown
             },
             _ = stopped(&mut shutdown) => return,
         };
-        let holder = holder.clone();
+        let (holder, metrics) = (holder.clone(), metrics.clone());
         let conn = builder.serve_connection(
             TokioIo::new(stream),
             service_fn(move |req| {
-                let holder = holder.clone();
-                async move { Ok::<_, Infallible>(route(&req, &holder)) }
+                let (holder, metrics) = (holder.clone(), metrics.clone());
+                async move { Ok::<_, Infallible>(route(&req, &holder, &metrics)) }
             }),
         );
         tokio::spawn(conn);
     }
 }
 
-fn route<B>(req: &Request<B>, holder: &TokenHolder) -> Response<Full<Bytes>> {
+fn route<B>(req: &Request<B>, holder: &TokenHolder, metrics: &Metrics) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/healthz" => json(StatusCode::OK, serde_json::json!({ "status": "ok" })),
         "/readyz" => readyz(holder),
+        "/metrics" => {
+            let mut resp = Response::new(Full::new(Bytes::from(metrics.render(holder))));
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
         _ => json(
             StatusCode::NOT_FOUND,
             serde_json::json!({ "error": "not_found", "message": "admin paths: /healthz, /readyz, /metrics" }),

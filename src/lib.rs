@@ -9,7 +9,8 @@
 //! - [`headers`]: the header and query rules, as pure functions.
 //! - [`upstream`]: the pooled hyper client over rustls towards ZapSign; [`tls`] builds its trust roots.
 //! - [`auth`]: the lock-free token holder and (JWT mode) the login/refresh machinery.
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on their own listener.
+//! - [`replay`]: the bounded buffer that lets a request be sent again after an upstream 401.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on their own listener; [`metrics`] holds the counters.
 //! - [`error`]: the proxy's own error answers; [`secret`]: the redacting secret type.
 //! - [`mock`]: a small ZapSign stand-in for the demo, the tests and local trials.
 //!
@@ -22,8 +23,10 @@ pub mod config;
 pub mod error;
 pub mod headers;
 pub mod logging;
+pub mod metrics;
 pub mod mock;
 pub mod proxy;
+pub mod replay;
 pub mod secret;
 pub mod server;
 pub mod tls;
@@ -37,8 +40,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::info;
 
+use crate::auth::client::{AuthClient, Credentials};
+use crate::auth::renewer::Renewer;
 use crate::auth::TokenHolder;
 use crate::config::{AuthMode, Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::replay::ReplayBudget;
 
 /// Why the proxy could not start or keep running.
 #[derive(Debug, thiserror::Error)]
@@ -86,20 +93,29 @@ impl Listeners {
 
 /// Runs the proxy on `listeners` until `shutdown` completes, then drains within `server.shutdown_grace`.
 pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    // reqwest and hyper-rustls get explicit configs; a default provider covers any other rustls user.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let tls = tls::client_config(config.upstream.ca_file.as_deref())?;
-    let holder = Arc::new(token_holder(&config)?);
-    let client = upstream::build_client(&config.upstream, tls);
-    let proxy = Arc::new(proxy::Proxy::new(
-        config.upstream.url.clone(),
-        config.upstream.response_timeout,
-        client,
-        holder.clone(),
-        config.access.clone(),
-    ));
+    let metrics = Arc::new(Metrics::new());
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (holder, renewer) = token_keeper(&config, &tls, &metrics)?;
+    if let Some(renewer) = &renewer {
+        tokio::spawn(renewer.clone().run(stop_rx.clone()));
+    }
+    let proxy = Arc::new(proxy::Proxy {
+        upstream: config.upstream.url.clone(),
+        response_timeout: config.upstream.response_timeout,
+        client: upstream::build_client(&config.upstream, tls),
+        holder: holder.clone(),
+        renewer,
+        replay_limit: config.auth.replay_buffer,
+        replay_budget: Arc::new(ReplayBudget::new(replay_budget(config.auth.replay_buffer))),
+        access: config.access.clone(),
+        metrics: metrics.clone(),
+    });
     if let Some(admin) = listeners.admin {
         info!(addr = %admin.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "admin listening");
-        tokio::spawn(admin::serve(admin, holder.clone(), stop_rx.clone()));
+        tokio::spawn(admin::serve(admin, holder.clone(), metrics, stop_rx.clone()));
     }
     info!(
         addr = %listeners.proxy.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
@@ -117,27 +133,79 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     Ok(())
 }
 
-fn token_holder(config: &Config) -> Result<TokenHolder, ConfigError> {
+/// Bytes all requests together may keep for replays: four full replay buffers, at least 64 MiB.
+fn replay_budget(per_request: u64) -> u64 {
+    per_request.saturating_mul(4).max(64 << 20)
+}
+
+/// The token holder, and in JWT mode the renewer that fills it.
+fn token_keeper(
+    config: &Config,
+    tls: &rustls::ClientConfig,
+    metrics: &Arc<Metrics>,
+) -> Result<(Arc<TokenHolder>, Option<Arc<Renewer>>), ConfigError> {
+    let missing = |key: &str, fix: &str| ConfigError::Invalid {
+        key: key.into(),
+        problem: format!(
+            "missing for auth.mode = \"{}\"",
+            if config.auth.mode == AuthMode::Jwt {
+                "jwt"
+            } else {
+                "static"
+            }
+        ),
+        fix: fix.into(),
+    };
     match config.auth.mode {
         AuthMode::Static => {
-            let token = config.auth.api_token.as_ref().ok_or_else(|| ConfigError::Invalid {
-                key: "auth.api_token".into(),
-                problem: "missing for auth.mode = \"static\"".into(),
-                fix: "set auth.api_token_file, auth.api_token or ZAPSIGN_API_TOKEN".into(),
+            let token = config.auth.api_token.as_ref().ok_or_else(|| {
+                missing(
+                    "auth.api_token",
+                    "set auth.api_token_file, auth.api_token or ZAPSIGN_API_TOKEN",
+                )
             })?;
-            TokenHolder::with_static(token).ok_or_else(|| ConfigError::Invalid {
+            let holder = TokenHolder::with_static(token).ok_or_else(|| ConfigError::Invalid {
                 key: "auth.api_token".into(),
                 problem: "the token holds characters an HTTP header cannot carry".into(),
                 fix: "copy the token again from Settings > Integrations > ZapSign API".into(),
-            })
+            })?;
+            Ok((Arc::new(holder), None))
         }
         AuthMode::Jwt => {
-            let holder = TokenHolder::new();
-            holder.set_unavailable(
-                "JWT login is not available in this build; use auth.mode = \"static\"".into(),
-                std::time::Instant::now() + std::time::Duration::from_secs(60),
+            let credentials = Credentials {
+                organization_id: config.auth.organization_id.clone().ok_or_else(|| {
+                    missing(
+                        "auth.organization_id",
+                        "set auth.organization_id or ZAPSIGN_ORGANIZATION_ID",
+                    )
+                })?,
+                username: config
+                    .auth
+                    .username
+                    .clone()
+                    .ok_or_else(|| missing("auth.username", "set auth.username or ZAPSIGN_USERNAME"))?,
+                password: config.auth.password.clone().ok_or_else(|| {
+                    missing(
+                        "auth.password",
+                        "set auth.password_file, auth.password or ZAPSIGN_PASSWORD",
+                    )
+                })?,
+            };
+            let client =
+                AuthClient::new(&config.auth, &config.upstream, tls.clone()).map_err(|e| ConfigError::Invalid {
+                    key: "auth.url".into(),
+                    problem: e.to_string(),
+                    fix: "check auth.url and upstream.ca_file".into(),
+                })?;
+            let holder = Arc::new(TokenHolder::new());
+            let renewer = Renewer::new(
+                holder.clone(),
+                client,
+                credentials,
+                config.auth.refresh_margin,
+                metrics.clone(),
             );
-            Ok(holder)
+            Ok((holder, Some(Arc::new(renewer))))
         }
     }
 }

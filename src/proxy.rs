@@ -1,5 +1,6 @@
 //! The per-request service: checks the caller, rewrites the request (target, hop-by-hop headers, Host,
-//! forwarding headers, the injected token), streams it to the upstream and streams the answer back.
+//! forwarding headers, the injected token), streams it to the upstream and streams the answer back; in JWT
+//! mode, renews the token and replays the request once when the upstream answers 401.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,17 +10,21 @@ use bytes::Bytes;
 use http::header::{HOST, PROXY_AUTHORIZATION};
 use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Method, Request, Response, Uri, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use tokio::sync::oneshot;
 use tracing::{info, info_span, warn, Instrument};
 
-use crate::auth::TokenHolder;
+use crate::auth::renewer::{Renewer, Trigger};
+use crate::auth::{Token, TokenHolder};
 use crate::config::{AccessConfig, BaseUrl};
 use crate::error::ProxyError;
 use crate::headers::{
     ensure_request_id, remove_hop_by_hop, set_authorization, set_forwarding, strip_api_token, X_REQUEST_ID,
 };
+use crate::metrics::Metrics;
+use crate::replay::{ForwardBody, ReplayBudget, Returned};
 use crate::upstream::{classify, UpstreamClient};
 
 /// The body of every response the proxy sends: the upstream's, streamed, or the proxy's own JSON error.
@@ -27,31 +32,53 @@ pub type ResponseBody = Either<Incoming, Full<Bytes>>;
 
 /// State shared by every request; built once at start.
 pub struct Proxy {
-    upstream: BaseUrl,
-    response_timeout: Duration,
-    client: UpstreamClient<Incoming>,
-    holder: Arc<TokenHolder>,
-    access: AccessConfig,
+    /// Where requests go.
+    pub(crate) upstream: BaseUrl,
+    /// `upstream.response_timeout`.
+    pub(crate) response_timeout: Duration,
+    /// The pooled upstream client.
+    pub(crate) client: UpstreamClient<ForwardBody>,
+    /// The current token.
+    pub(crate) holder: Arc<TokenHolder>,
+    /// JWT mode: renews tokens; `None` in static mode, where a 401 passes through.
+    pub(crate) renewer: Option<Arc<Renewer>>,
+    /// `auth.replay_buffer`.
+    pub(crate) replay_limit: u64,
+    /// Bytes kept for replays across all requests.
+    pub(crate) replay_budget: Arc<ReplayBudget>,
+    /// Caller checks.
+    pub(crate) access: AccessConfig,
+    /// Counters.
+    pub(crate) metrics: Arc<Metrics>,
 }
 
-impl Proxy {
-    /// Assembles the request path.
-    pub fn new(
-        upstream: BaseUrl,
-        response_timeout: Duration,
-        client: UpstreamClient<Incoming>,
-        holder: Arc<TokenHolder>,
-        access: AccessConfig,
-    ) -> Self {
+/// What a replay needs of the request head.
+struct Head {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Head {
+    fn of(parts: &Parts) -> Self {
         Self {
-            upstream,
-            response_timeout,
-            client,
-            holder,
-            access,
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
         }
     }
 
+    fn into_request(self, body: ForwardBody) -> Request<ForwardBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.headers_mut() = self.headers;
+        *req.version_mut() = Version::HTTP_11;
+        req
+    }
+}
+
+impl Proxy {
     /// Serves one request from `peer`, who reached us over `proto` (`"http"` or `"https"`). Never fails: every
     /// error becomes the contract's JSON answer.
     pub async fn handle(
@@ -78,10 +105,12 @@ impl Proxy {
             }
         };
         resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+        let elapsed = start.elapsed();
+        self.metrics.request(resp.status().as_u16(), elapsed);
         span.in_scope(|| {
             info!(
                 status = resp.status().as_u16(),
-                duration_us = start.elapsed().as_micros() as u64,
+                duration_us = elapsed.as_micros() as u64,
                 client = %peer.ip(),
                 "served"
             )
@@ -98,7 +127,7 @@ impl Proxy {
     ) -> Result<Response<Incoming>, ProxyError> {
         self.check_access(&parts, peer)?;
         let path_and_query = self.target(&parts)?;
-        let token = self.holder.bearer(Instant::now())?;
+        let token = self.token().await?;
         let caller_host = caller_host(&parts);
         remove_hop_by_hop(&mut parts.headers);
         set_authorization(&mut parts.headers, &token.header);
@@ -106,18 +135,88 @@ impl Proxy {
         set_forwarding(&mut parts.headers, peer.ip(), proto, caller_host);
         parts.uri = self.upstream_uri(path_and_query)?;
         parts.version = Version::HTTP_11;
-        let req = Request::from_parts(parts, body);
-        let mut resp = match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+        let Some(renewer) = &self.renewer else {
+            return self.send(Request::from_parts(parts, ForwardBody::Plain(body))).await;
+        };
+        let (body, returned) = ForwardBody::tee(body, self.replay_limit, &self.replay_budget);
+        let head = Head::of(&parts);
+        let resp = self.send(Request::from_parts(parts, body)).await?;
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+        self.replay_after_401(resp, head, returned, token.generation, renewer)
+            .await
+    }
+
+    /// The token to inject; in JWT mode a missing one is renewed (or waited for) first.
+    async fn token(&self) -> Result<Arc<Token>, ProxyError> {
+        match self.holder.bearer(Instant::now()) {
+            Ok(token) => Ok(token),
+            Err(err) => match &self.renewer {
+                Some(renewer) => renewer.renew(Trigger::Missing).await,
+                None => Err(err),
+            },
+        }
+    }
+
+    /// The upstream refused the token: renew it once and send the request again, when every byte of the body
+    /// is still at hand; otherwise pass the 401 on (and renew in the background for the next requests).
+    async fn replay_after_401(
+        &self,
+        first: Response<Incoming>,
+        head: Head,
+        returned: Option<oneshot::Receiver<Returned>>,
+        generation: u64,
+        renewer: &Arc<Renewer>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let body = match returned {
+            None => Some(ForwardBody::Empty),
+            // hyper hands the body back by dropping it once it is done with it.
+            Some(rx) => match tokio::time::timeout(self.response_timeout, rx).await {
+                Ok(Ok(kept)) if kept.replayable() => Some(ForwardBody::replay(kept)),
+                _ => None,
+            },
+        };
+        let Some(body) = body else {
+            info!("upstream answered 401 and the body exceeded auth.replay_buffer; passing the 401 on");
+            let renewer = renewer.clone();
+            tokio::spawn(async move {
+                let _ = renewer.renew(Trigger::Rejected(generation)).await;
+            });
+            return Ok(first);
+        };
+        let token = renewer.renew(Trigger::Rejected(generation)).await?;
+        drop(first);
+        let mut req = head.into_request(body);
+        set_authorization(req.headers_mut(), &token.header);
+        self.metrics.replay();
+        info!(
+            generation = token.generation,
+            "replaying after an upstream 401 with a renewed token"
+        );
+        self.send(req).await
+    }
+
+    async fn send(&self, req: Request<ForwardBody>) -> Result<Response<Incoming>, ProxyError> {
+        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
             Err(_) => {
-                return Err(ProxyError::UpstreamTimeout {
+                self.metrics.upstream_error(None);
+                Err(ProxyError::UpstreamTimeout {
                     timeout: self.response_timeout,
                 })
             }
-            Ok(Err(e)) => return Err(classify(e)),
-            Ok(Ok(resp)) => resp,
-        };
-        remove_hop_by_hop(resp.headers_mut());
-        Ok(resp)
+            Ok(Err(e)) => {
+                let err = classify(e);
+                if let ProxyError::UpstreamUnreachable { kind, .. } = &err {
+                    self.metrics.upstream_error(Some(*kind));
+                }
+                Err(err)
+            }
+            Ok(Ok(mut resp)) => {
+                remove_hop_by_hop(resp.headers_mut());
+                Ok(resp)
+            }
+        }
     }
 
     /// The contract's order: caller network (403), client key (407), path (403).

@@ -1,0 +1,278 @@
+//! Keeps the token holder filled in JWT mode: logs in at start, refreshes before expiry, logs in again when the
+//! refresh token dies, and backs off (equal jitter, gaps never shrinking) when ZapSign fails or rate-limits.
+//!
+//! Single flight: every renewal, from the timer or from requests, runs under one async mutex. A request names
+//! the token generation it found bad; once it holds the mutex, a newer token means someone else already renewed
+//! and it returns at once. So however many requests ask together, one auth call runs and all wait on it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use tokio::sync::{watch, Mutex, Notify};
+use tracing::{info, warn};
+
+use super::client::{AuthClient, AuthError, Credentials, Issued};
+use super::holder::{Token, TokenHolder};
+use super::jwt::{lifetime, renew_after, ACCESS_FALLBACK, REFRESH_FALLBACK};
+use crate::error::ProxyError;
+use crate::headers::bearer_value;
+use crate::metrics::Metrics;
+use crate::secret::Secret;
+
+/// Why a renewal is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// The refresher's timer: the token of this generation is near its renewal time.
+    Scheduled(u64),
+    /// A request found no valid token.
+    Missing,
+    /// The upstream answered 401 to the token of this generation.
+    Rejected(u64),
+}
+
+/// Backoff after failures: equal jitter (half the step fixed, half random), doubling, capped; each gap at least
+/// the previous one, so successive gaps never shrink while failures go on.
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+    last_gap: Duration,
+}
+
+impl Backoff {
+    /// The wait before the next attempt after a failure of `kind`.
+    fn next(&mut self, err: &AuthError) -> Duration {
+        // Wrong credentials back off from a longer first step so the account is never locked out by us.
+        let (base, cap) = match err {
+            AuthError::BadCredentials { .. } => (Duration::from_secs(2), Duration::from_secs(15 * 60)),
+            _ => (Duration::from_secs(1), Duration::from_secs(5 * 60)),
+        };
+        let step = base.saturating_mul(1u32 << self.failures.min(16)).min(cap);
+        let half = step / 2;
+        let gap = (half + half.mul_f64(rand::random::<f64>())).max(self.last_gap);
+        self.failures += 1;
+        self.last_gap = gap;
+        gap
+    }
+
+    fn reset(&mut self) {
+        *self = Self::default();
+    }
+}
+
+#[derive(Debug)]
+struct RefreshToken {
+    token: Secret,
+    expires_at: Instant,
+}
+
+#[derive(Debug)]
+struct State {
+    refresh: Option<RefreshToken>,
+    backoff: Backoff,
+    /// No attempt before this (backoff).
+    next_attempt: Instant,
+    /// When the current access token is due for renewal.
+    renew_at: Option<Instant>,
+}
+
+/// The JWT-mode token keeper.
+#[derive(Debug)]
+pub struct Renewer {
+    holder: Arc<TokenHolder>,
+    client: AuthClient,
+    credentials: ArcSwap<Credentials>,
+    margin: Duration,
+    state: Mutex<State>,
+    wake: Notify,
+    metrics: Arc<Metrics>,
+}
+
+impl Renewer {
+    /// A renewer that fills `holder`; call [`Renewer::run`] to start it.
+    pub fn new(
+        holder: Arc<TokenHolder>,
+        client: AuthClient,
+        credentials: Credentials,
+        margin: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            holder,
+            client,
+            credentials: ArcSwap::from_pointee(credentials),
+            margin,
+            state: Mutex::new(State {
+                refresh: None,
+                backoff: Backoff::default(),
+                next_attempt: Instant::now(),
+                renew_at: None,
+            }),
+            wake: Notify::new(),
+            metrics,
+        }
+    }
+
+    /// New credentials (reload): the next renewal logs in with them, without waiting out a backoff.
+    pub async fn set_credentials(&self, credentials: Credentials) {
+        self.credentials.store(Arc::new(credentials));
+        let mut st = self.state.lock().await;
+        st.refresh = None;
+        st.backoff.reset();
+        st.next_attempt = Instant::now();
+        st.renew_at = Some(Instant::now());
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// A valid token, renewing first when `trigger` says the current one is missing, rejected or due.
+    /// Concurrent callers share one auth call. During a backoff, answers 503 at once.
+    pub async fn renew(&self, trigger: Trigger) -> Result<Arc<Token>, ProxyError> {
+        let mut st = self.state.lock().await;
+        let now = Instant::now();
+        if let Some(token) = self.holder.valid_token(now) {
+            let stale = match trigger {
+                Trigger::Scheduled(g) | Trigger::Rejected(g) => g == token.generation,
+                Trigger::Missing => false,
+            };
+            if !stale {
+                return Ok(token);
+            }
+        }
+        if now < st.next_attempt {
+            return self.holder.bearer(now);
+        }
+        match self.attempt(&mut st).await {
+            Ok(token) => Ok(token),
+            Err(err) => {
+                let now = Instant::now();
+                let gap = st.backoff.next(&err);
+                st.next_attempt = now + gap;
+                let reason = format!("{err}");
+                warn!(retry_in = ?gap, "token renewal failed: {reason}");
+                if let Trigger::Rejected(g) = trigger {
+                    // ZapSign refused this token: never inject it again.
+                    if self.holder.valid_token(now).is_some_and(|t| t.generation == g) {
+                        self.holder.clear(reason.clone(), st.next_attempt);
+                    }
+                }
+                self.holder.set_unavailable(reason, st.next_attempt);
+                self.holder.bearer(now)
+            }
+        }
+    }
+
+    /// One renewal: refresh while a live refresh token is held, else (or when refresh is refused) log in.
+    async fn attempt(&self, st: &mut State) -> Result<Arc<Token>, AuthError> {
+        let now = Instant::now();
+        if let Some(refresh) = st.refresh.as_ref().filter(|r| r.expires_at > now) {
+            let result = self.client.refresh(&refresh.token).await;
+            self.metrics.renewal("refresh", &result);
+            match result {
+                Ok(issued) => return Ok(self.store(st, issued)),
+                Err(AuthError::RefreshRejected) => {
+                    info!("refresh token rejected; logging in again");
+                    st.refresh = None;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let credentials = self.credentials.load_full();
+        let result = self.client.login(&credentials).await;
+        self.metrics.renewal("login", &result);
+        let issued = result?;
+        Ok(self.store(st, issued))
+    }
+
+    /// Swaps the new access token into the holder and schedules its renewal.
+    fn store(&self, st: &mut State, issued: Issued) -> Arc<Token> {
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let (life, from_exp) = lifetime(issued.access.expose(), wall, ACCESS_FALLBACK);
+        if !from_exp {
+            warn!(assumed = ?life, "access token has no usable `exp` (missing, or clock skew); assuming the documented lifetime");
+        }
+        if let Some(refresh) = issued.refresh {
+            let (refresh_life, _) = lifetime(refresh.expose(), wall, REFRESH_FALLBACK);
+            st.refresh = Some(RefreshToken {
+                token: refresh,
+                expires_at: now + refresh_life,
+            });
+        }
+        // `bearer_value` cannot fail here: the client checked the token is a valid header value.
+        let header = bearer_value(issued.access.expose()).unwrap_or_else(|| http::HeaderValue::from_static("Bearer"));
+        let generation = self.holder.store(header, Some(now + life));
+        st.backoff.reset();
+        st.next_attempt = now;
+        let after = renew_after(life, self.margin);
+        st.renew_at = Some(now + after);
+        info!(generation, expires_in = ?life, renew_in = ?after, "new access token");
+        self.wake.notify_one();
+        self.holder
+            .valid_token(now)
+            .unwrap_or_else(|| unreachable!("a token stored just now is valid"))
+    }
+
+    /// The refresher: logs in at once, then renews whenever a renewal (or a retry after a failure) is due,
+    /// until `shutdown`.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let due = {
+                let st = self.state.lock().await;
+                match (self.holder.valid_token(Instant::now()), st.renew_at) {
+                    (Some(_), Some(at)) => at.max(st.next_attempt),
+                    _ => st.next_attempt,
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(due.into()) => {}
+                _ = self.wake.notified() => continue,
+                _ = crate::server::stopped(&mut shutdown) => return,
+            }
+            let trigger = match self.holder.valid_token(Instant::now()) {
+                Some(t) => Trigger::Scheduled(t.generation),
+                None => Trigger::Missing,
+            };
+            let _ = self.renew(trigger).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_gaps_grow_never_shrink_and_are_capped() {
+        let mut b = Backoff::default();
+        let mut last = Duration::ZERO;
+        for i in 0..40 {
+            let gap = b.next(&AuthError::RateLimited);
+            assert!(gap >= last, "gap {i} shrank: {gap:?} < {last:?}");
+            assert!(gap <= Duration::from_secs(300));
+            last = gap;
+        }
+        assert!(last >= Duration::from_secs(150));
+        let mut b = Backoff::default();
+        let first = b.next(&AuthError::RateLimited);
+        assert!(
+            first >= Duration::from_millis(500) && first <= Duration::from_secs(1),
+            "{first:?}"
+        );
+    }
+
+    #[test]
+    fn bad_credentials_back_off_slower() {
+        let bad = AuthError::BadCredentials {
+            organization_id: "1".into(),
+            username: "u".into(),
+            url: "x".into(),
+        };
+        let mut b = Backoff::default();
+        let gaps: Vec<Duration> = (0..3).map(|_| b.next(&bad)).collect();
+        assert!(gaps[0] >= Duration::from_secs(1));
+        // At most 4 attempts in the first 8 seconds: the first three gaps add up to at least 7 s.
+        assert!(gaps.iter().sum::<Duration>() >= Duration::from_secs(7), "{gaps:?}");
+        b.reset();
+        assert!(b.next(&bad) <= Duration::from_secs(2));
+    }
+}
