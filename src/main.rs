@@ -81,13 +81,18 @@ fn exit(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-/// The demo: defaults and environment as usual, but static mode against the bundled mock.
+/// The demo: defaults and environment as usual, but JWT mode with the mock's demo credentials. Real
+/// credentials in the environment are ignored: the demo never talks to ZapSign.
 fn demo_config(cli: &Cli) -> Result<Config, ConfigError> {
-    let text = format!("[auth]\nmode = \"static\"\napi_token = \"{}\"\n", mock::DEMO_API_TOKEN);
+    let text = format!(
+        "[auth]\norganization_id = \"{}\"\nusername = \"{}\"\npassword = \"{}\"\n",
+        mock::DEMO_ORGANIZATION_ID,
+        mock::DEMO_USERNAME,
+        mock::DEMO_PASSWORD
+    );
     let mut config = match &cli.config {
         Some(_) => Config::load(cli.config.as_deref(), &process_env)?,
         None => Config::from_toml(&text, &|name| match name {
-            // The demo never talks to the real ZapSign, so real credentials in the environment are ignored.
             "ZAPSIGN_API_TOKEN" | "ZAPSIGN_PASSWORD" | "ZAPSIGN_USERNAME" | "ZAPSIGN_ORGANIZATION_ID" => None,
             other => process_env(other),
         })?,
@@ -108,7 +113,12 @@ fn run_proxy(mut config: Config, demo: bool) -> anyhow::Result<()> {
     logging::init(&config.log);
     runtime(config.server.workers)?.block_on(async move {
         let _mock = if demo {
-            let mock = MockZapSign::start(MockConfig::default())
+            // Ten-minute access tokens, so a newcomer watching the log sees refreshes happen.
+            let mock_cfg = MockConfig {
+                access_ttl: std::time::Duration::from_secs(600),
+                ..MockConfig::default()
+            };
+            let mock = MockZapSign::start(mock_cfg)
                 .await
                 .context("cannot start the demo mock")?;
             config.upstream.url = zapsign_proxy::config::BaseUrl::parse("upstream.url", &mock.url())?;
@@ -119,20 +129,39 @@ fn run_proxy(mut config: Config, demo: bool) -> anyhow::Result<()> {
         };
         let listeners = Listeners::bind(&config).await?;
         if demo {
-            let addr = listeners.proxy.local_addr()?;
-            println!("zapsign-proxy demo: proxy on http://{addr}, mock ZapSign behind it. Try:");
-            println!("  curl -s 'http://{addr}/api/v1/docs/?page=1&api_token=stale-caller-token'");
-            println!("The mock echoes what it received: note the injected Authorization and the removed api_token.");
-            if let Some(admin) = &listeners.admin {
-                println!("  curl -s http://{}/readyz", admin.local_addr()?);
-            }
+            print_demo_help(&listeners)?;
         }
         zapsign_proxy::run(config, listeners, shutdown_signal()).await?;
         Ok(())
     })
 }
 
+/// Tells a newcomer what to try. Write errors are ignored: `demo | head -1` must not kill the proxy.
+fn print_demo_help(listeners: &Listeners) -> anyhow::Result<()> {
+    use std::io::Write;
+    let addr = listeners.proxy.local_addr()?;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "zapsign-proxy demo: proxy on http://{addr}, mock ZapSign behind it. Try:"
+    );
+    let _ = writeln!(
+        out,
+        "  curl -s 'http://{addr}/api/v1/docs/?page=1&api_token=stale-caller-token'"
+    );
+    let _ = writeln!(
+        out,
+        "The mock echoes what it received: note the injected Authorization and the removed api_token."
+    );
+    if let Some(admin) = &listeners.admin {
+        let _ = writeln!(out, "  curl -s http://{}/readyz", admin.local_addr()?);
+    }
+    let _ = out.flush();
+    Ok(())
+}
+
 fn run_mock(listen: SocketAddr) -> anyhow::Result<()> {
+    use std::io::Write;
     logging::init(&zapsign_proxy::config::LogConfig {
         format: zapsign_proxy::config::LogFormat::Text,
         level: "info".into(),
@@ -142,7 +171,8 @@ fn run_mock(listen: SocketAddr) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         let cfg = MockConfig::default();
-        println!(
+        let _ = writeln!(
+            std::io::stdout(),
             "mock ZapSign on http://{listen}: static token {:?}; login organization {:?}, username {:?}, password {:?}",
             mock::DEMO_API_TOKEN,
             mock::DEMO_ORGANIZATION_ID,

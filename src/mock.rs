@@ -121,6 +121,9 @@ pub struct MockState {
     pub rate_limited_logins: AtomicU32,
     /// Tokens issued before this epoch are rejected.
     epoch: AtomicU64,
+    /// Access tokens issued before this epoch are rejected (refresh tokens stay valid).
+    access_epoch: AtomicU64,
+    login_times: Mutex<Vec<std::time::Instant>>,
     serial: AtomicU64,
     last_login_password: Mutex<Option<String>>,
 }
@@ -138,6 +141,8 @@ impl MockState {
             api_calls: AtomicU64::new(0),
             rate_limited_logins: AtomicU32::new(0),
             epoch: AtomicU64::new(0),
+            access_epoch: AtomicU64::new(0),
+            login_times: Mutex::new(Vec::new()),
             serial: AtomicU64::new(0),
             last_login_password: Mutex::new(None),
         }
@@ -155,6 +160,16 @@ impl MockState {
     /// Rejects every token issued so far (access and refresh; the static token stays valid unless changed).
     pub fn revoke_all(&self) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Makes every access token issued so far expire now, as if their time were up; refresh tokens stay valid.
+    pub fn expire_access_tokens(&self) {
+        self.access_epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// When each login attempt arrived.
+    pub fn login_attempt_times(&self) -> Vec<std::time::Instant> {
+        self.login_times.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The requests received so far, oldest first.
@@ -191,6 +206,7 @@ impl MockState {
             "jti": format!("{:x}", self.serial.fetch_add(1, Ordering::Relaxed)),
             "user_id": 1,
             "epoch": self.epoch.load(Ordering::SeqCst),
+            "access_epoch": self.access_epoch.load(Ordering::SeqCst),
             // The mock checks expiry with sub-second precision; `exp` itself stays an integer as ZapSign's.
             "mock_exp": exp,
         });
@@ -214,6 +230,7 @@ impl MockState {
         };
         claims["token_type"] == kind
             && claims["epoch"].as_u64() == Some(self.epoch.load(Ordering::SeqCst))
+            && (kind != "access" || claims["access_epoch"].as_u64() == Some(self.access_epoch.load(Ordering::SeqCst)))
             && claims["mock_exp"].as_f64().is_some_and(|exp| exp > unix_now())
     }
 }
@@ -488,6 +505,11 @@ async fn read_json(req: Request<Incoming>) -> Option<serde_json::Value> {
 
 async fn login(req: Request<Incoming>, org: &str, state: &MockState) -> Response<MockBody> {
     state.login_attempts.fetch_add(1, Ordering::SeqCst);
+    state
+        .login_times
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(std::time::Instant::now());
     let body = read_json(req).await.unwrap_or_default();
     *state.last_login_password.lock().unwrap_or_else(|p| p.into_inner()) = body["password"].as_str().map(str::to_owned);
     let limited = state

@@ -165,3 +165,38 @@ async fn large_upload_and_download_stream_intact_with_bounded_memory() {
     // Neither body may be held whole: growth stays far below the 20 MiB upload.
     assert!(peak - baseline < 12 * 1024, "peak grew by {} KiB", peak - baseline);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_the_proxy_and_the_mock_with_a_jwt_login() {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zapsign-proxy"))
+        .arg("demo")
+        .env_clear()
+        .env("ZAPSIGN_PROXY_LISTEN", "127.0.0.1:0")
+        .env("ZAPSIGN_PROXY_ADMIN_LISTEN", "127.0.0.1:0")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let addr: std::net::SocketAddr = first
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {first:?}"));
+    let a = send(addr, get(addr, "/api/v1/docs/?page=1&api_token=stale-caller-token")).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let json = a.json();
+    assert_eq!(json["target"], "/api/v1/docs/?page=1");
+    let auth = json["headers"]["authorization"].as_str().unwrap();
+    assert!(
+        auth.starts_with("Bearer ey"),
+        "the demo should inject a JWT from a login: {auth}"
+    );
+}

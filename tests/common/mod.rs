@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use zapsign_proxy::config::Config;
-use zapsign_proxy::mock::{MockConfig, MockZapSign};
+use zapsign_proxy::mock::{MockConfig, MockState, MockZapSign};
 use zapsign_proxy::Listeners;
 
 /// A running proxy (in-process) in front of a running mock.
@@ -38,6 +38,27 @@ impl Harness {
         );
         let url = mock.url();
         Self::start_with(mock, &text, &url).await
+    }
+
+    /// Starts a mock with `mock_cfg`, lets `prepare` set it up, then the proxy in JWT mode with the demo
+    /// credentials and `extra` TOML appended.
+    pub async fn start_jwt(extra: &str, mock_cfg: MockConfig, prepare: impl FnOnce(&MockState)) -> Self {
+        let mock = MockZapSign::start(mock_cfg).await.expect("mock starts");
+        prepare(&mock.state);
+        let url = mock.url();
+        Self::start_with(mock, &jwt_config(extra), &url).await
+    }
+
+    /// Waits until `/readyz` answers 200, up to `deadline`; returns whether it did.
+    pub async fn wait_ready(&self, deadline: Duration) -> bool {
+        let end = Instant::now() + deadline;
+        while Instant::now() < end {
+            if send(self.admin, get(self.admin, "/readyz")).await.status == 200 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
     }
 
     /// Starts the proxy with `text` as config, `upstream_url` as upstream, in front of `mock`.
@@ -365,5 +386,41 @@ impl TestCa {
             .with_no_client_auth()
             .with_single_cert(vec![self.server_cert.clone()], key)
             .unwrap()
+    }
+}
+
+/// JWT-mode config with the mock's demo credentials and `extra` TOML appended.
+pub fn jwt_config(extra: &str) -> String {
+    use zapsign_proxy::mock::{DEMO_ORGANIZATION_ID, DEMO_PASSWORD, DEMO_USERNAME};
+    format!(
+        "[auth]\norganization_id = \"{DEMO_ORGANIZATION_ID}\"\nusername = \"{DEMO_USERNAME}\"\npassword = \"{DEMO_PASSWORD}\"\n{extra}"
+    )
+}
+
+/// A caller holding one HTTP/1.1 keep-alive connection to `addr`.
+pub struct Caller {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl Caller {
+    pub async fn connect(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).await.expect("connect to proxy");
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        Self { sender }
+    }
+
+    pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Answer {
+        self.sender.ready().await.expect("connection usable");
+        let resp = self.sender.send_request(req).await.expect("response");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
     }
 }

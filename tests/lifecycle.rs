@@ -1,0 +1,304 @@
+//! Issue 3: the token lifecycle against the mock, asserting on the mock's counters: callers never see an
+//! authentication failure across rotations, renewals are single-flight, failures back off.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::Full;
+use sha2::{Digest, Sha256};
+use zapsign_proxy::mock::{hex, MockConfig, MockZapSign};
+
+/// `callers` concurrent keep-alive callers sending GETs and small POSTs for `run_for`; returns (ok, not ok)
+/// with the first few failures.
+async fn load(addr: std::net::SocketAddr, callers: usize, run_for: Duration) -> (u64, Vec<String>) {
+    let end = Instant::now() + run_for;
+    let mut tasks = Vec::new();
+    for c in 0..callers {
+        tasks.push(tokio::spawn(async move {
+            let mut caller = Caller::connect(addr).await;
+            let (mut ok, mut failures) = (0u64, Vec::new());
+            let mut i = 0u64;
+            while Instant::now() < end {
+                i += 1;
+                let req = if i % 2 == 0 {
+                    Request::get(format!("/api/v1/docs/?page={i}"))
+                        .body(Full::new(Bytes::new()))
+                        .unwrap()
+                } else {
+                    let body = Bytes::from(format!("{{\"caller\":{c},\"n\":{i}}}"));
+                    Request::post("/api/v1/docs/").body(Full::new(body)).unwrap()
+                };
+                let a = caller.send(req).await;
+                if a.status.is_success() {
+                    ok += 1;
+                } else {
+                    failures.push(format!("{} {:?}", a.status, a.body));
+                }
+                // Pace the callers: a few hundred requests a second in all is plenty to cross every rotation.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (ok, failures)
+        }));
+    }
+    let (mut ok, mut failures) = (0, Vec::new());
+    for t in tasks {
+        let (o, f) = t.await.unwrap();
+        ok += o;
+        failures.extend(f);
+    }
+    (ok, failures)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotations_under_load_give_callers_no_failure_one_login_and_refreshes() {
+    let mock_cfg = MockConfig {
+        access_ttl: Duration::from_secs(6),
+        ..MockConfig::default()
+    };
+    let h = Harness::start_jwt("refresh_margin = \"2s\"\n", mock_cfg, |_| {}).await;
+    let (ok, failures) = load(h.addr, 8, Duration::from_secs(20)).await;
+    assert!(
+        failures.is_empty(),
+        "{} non-2xx of {}: {:?}",
+        failures.len(),
+        ok,
+        &failures[..failures.len().min(5)]
+    );
+    assert!(ok > 1000, "too few requests to prove anything: {ok}");
+    let s = &h.mock.state;
+    assert_eq!(s.logins.load(Ordering::SeqCst), 1, "exactly one login");
+    let refreshes = s.refreshes.load(Ordering::SeqCst);
+    assert!(refreshes >= 3, "only {refreshes} refreshes in 20 s of 6 s tokens");
+    assert_eq!(
+        s.unauthorized.load(Ordering::SeqCst),
+        0,
+        "a token reached the upstream after it expired"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_refresh_tokens_fall_back_to_login_without_failures() {
+    let mock_cfg = MockConfig {
+        access_ttl: Duration::from_secs(6),
+        refresh_ttl: Duration::from_secs(5),
+        ..MockConfig::default()
+    };
+    let h = Harness::start_jwt("refresh_margin = \"2s\"\n", mock_cfg, |_| {}).await;
+    let (ok, failures) = load(h.addr, 4, Duration::from_secs(13)).await;
+    assert!(
+        failures.is_empty(),
+        "{} non-2xx of {}: {:?}",
+        failures.len(),
+        ok,
+        &failures[..failures.len().min(5)]
+    );
+    let logins = h.mock.state.logins.load(Ordering::SeqCst);
+    assert!(logins >= 2, "renewals never fell back to login ({logins} logins)");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn revoked_tokens_are_renewed_and_requests_replayed_unless_too_large() {
+    let h = Harness::start_jwt("replay_buffer = \"64KiB\"\n", MockConfig::default(), |_| {}).await;
+    assert!(h.wait_ready(Duration::from_secs(10)).await);
+    let s = h.mock.state.clone();
+
+    s.revoke_all();
+    let a = send(h.addr, get(h.addr, "/api/v1/docs/")).await;
+    assert_eq!(a.status, 200, "GET after revocation: {:?}", a.body);
+
+    s.revoke_all();
+    let body: Bytes = (0..4096u32).flat_map(|i| i.to_le_bytes()).collect::<Vec<u8>>().into();
+    let req = Request::post("/api/v1/docs/").body(Full::new(body.clone())).unwrap();
+    let a = send(h.addr, req).await;
+    assert_eq!(a.status, 200, "small POST after revocation: {:?}", a.body);
+    assert_eq!(a.json()["body_len"], body.len());
+    assert_eq!(a.json()["body_sha256"], hex(&Sha256::digest(&body)));
+    assert_eq!(
+        s.unauthorized.load(Ordering::SeqCst),
+        2,
+        "each revocation cost exactly one upstream 401"
+    );
+    assert_eq!(
+        s.logins.load(Ordering::SeqCst),
+        3,
+        "revoked refresh tokens fell back to login"
+    );
+
+    s.revoke_all();
+    let big = Bytes::from(vec![7u8; 256 * 1024]);
+    let req = Request::post("/api/v1/docs/").body(Full::new(big)).unwrap();
+    let a = send(h.addr, req).await;
+    assert_eq!(
+        a.status, 401,
+        "a body over replay_buffer cannot be replayed: the 401 passes through"
+    );
+    assert!(
+        a.headers.get("x-zapsign-proxy-error").is_none(),
+        "it is ZapSign's 401, not ours"
+    );
+    // The background renewal makes the next request work.
+    let renewed = wait_until(Duration::from_secs(5), || s.logins.load(Ordering::SeqCst) == 4).await;
+    assert!(renewed, "no renewal after the passed-through 401");
+    assert_eq!(send(h.addr, get(h.addr, "/api/v1/docs/")).await.status, 200);
+    let metrics = send(h.admin, get(h.admin, "/metrics")).await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(text.contains("zapsign_proxy_unauthorized_replays_total 2"), "{text}");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_requests_meeting_an_expired_token_cause_one_renewal() {
+    // HTTP/2 on both sides keeps this to two connections however many requests run at once.
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.ca_pem).unwrap();
+    let mock = MockZapSign::start_tls(MockConfig::default(), ca.server_config())
+        .await
+        .unwrap();
+    let url = mock.url();
+    let text = format!("{}[upstream]\nca_file = \"{}\"\n", jwt_config(""), ca_file.display());
+    let h = Harness::start_with(mock, &text, &url).await;
+    assert!(h.wait_ready(Duration::from_secs(10)).await);
+    let s = h.mock.state.clone();
+    let renewal_calls = || s.login_attempts.load(Ordering::SeqCst) + s.refresh_attempts.load(Ordering::SeqCst);
+    let before = renewal_calls();
+
+    s.expire_access_tokens();
+    let stream = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut tasks = Vec::new();
+    for i in 0..1000 {
+        let mut sender = sender.clone();
+        let uri = format!("http://{}/api/v1/docs/?n={i}", h.addr);
+        tasks.push(tokio::spawn(async move {
+            let req = Request::get(uri).body(Full::new(Bytes::new())).unwrap();
+            sender.send_request(req).await.map(|r| r.status().as_u16()).unwrap_or(0)
+        }));
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    for t in tasks {
+        *statuses.entry(t.await.unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(statuses.get(&200), Some(&1000), "statuses: {statuses:?}");
+    assert_eq!(renewal_calls() - before, 1, "renewals were not single-flight");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn rate_limited_logins_back_off_with_growing_gaps_and_callers_get_503_meanwhile() {
+    let h = Harness::start_jwt("", MockConfig::default(), |s| {
+        s.rate_limited_logins.store(3, Ordering::SeqCst);
+    })
+    .await;
+    let start = Instant::now();
+    let mut saw_503 = false;
+    while start.elapsed() < Duration::from_secs(30) {
+        let a = send(h.addr, get(h.addr, "/api/v1/docs/")).await;
+        if a.status == 200 {
+            break;
+        }
+        assert_proxy_error(&a, 503, "token_unavailable");
+        let retry_after: u64 = a.headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1..=300).contains(&retry_after), "Retry-After {retry_after}");
+        saw_503 = true;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(saw_503, "callers were never told to wait");
+    assert!(
+        h.wait_ready(Duration::from_secs(1)).await,
+        "not ready within 30 s of start"
+    );
+    let times = h.mock.state.login_attempt_times();
+    assert_eq!(times.len(), 4, "3 rate-limited attempts and 1 success");
+    let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    for pair in gaps.windows(2) {
+        assert!(pair[1] + Duration::from_millis(50) >= pair[0], "gaps shrank: {gaps:?}");
+    }
+    assert!(gaps[0] >= Duration::from_millis(400), "retried too fast: {gaps:?}");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn static_mode_never_calls_the_login_endpoint() {
+    let h = Harness::start_static("", MockConfig::default()).await;
+    for _ in 0..5 {
+        assert_eq!(send(h.addr, get(h.addr, "/api/v1/docs/")).await.status, 200);
+    }
+    assert_eq!(h.mock.state.login_attempts.load(Ordering::SeqCst), 0);
+    assert_eq!(h.mock.state.refresh_attempts.load(Ordering::SeqCst), 0);
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_keeps_the_process_up_not_ready_slow_and_silent() {
+    const PASSWORD: &str = "WRONG-PASSWORD-7f3a9c";
+    let mock = MockZapSign::start(MockConfig::default()).await.unwrap();
+    let text = format!(
+        "[upstream]\nurl = \"{}\"\n[auth]\norganization_id = \"{}\"\nusername = \"{}\"\npassword_file = \"PWFILE\"\n[log]\nformat = \"json\"\n",
+        mock.url(),
+        zapsign_proxy::mock::DEMO_ORGANIZATION_ID,
+        zapsign_proxy::mock::DEMO_USERNAME,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("password");
+    std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
+    let text = text.replace("PWFILE", &pw.display().to_string());
+    let started = Instant::now();
+    let mut proxy = Subprocess::start(&text, &[("RUST_LOG", "trace")]);
+    let admin = proxy.admin.expect("admin listener");
+    while started.elapsed() < Duration::from_secs(16) {
+        let ready = send(admin, get(admin, "/readyz")).await;
+        assert_eq!(ready.status, 503, "ready with a wrong password?");
+        assert!(proxy.child.try_wait().unwrap().is_none(), "the process died");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let times: Vec<Duration> = mock
+        .state
+        .login_attempt_times()
+        .iter()
+        .map(|t| t.duration_since(started))
+        .collect();
+    let first = times.iter().filter(|t| **t < Duration::from_secs(8)).count();
+    let second = times.len() - first;
+    assert!(
+        (1..=4).contains(&first),
+        "{first} login attempts in the first 8 s: {times:?}"
+    );
+    assert!(
+        second < first,
+        "attempts did not slow down: {first} then {second}: {times:?}"
+    );
+    assert_eq!(mock.state.last_login_password().as_deref(), Some(PASSWORD));
+    let readyz = send(admin, get(admin, "/readyz")).await.json();
+    assert!(readyz["reason"].as_str().unwrap().contains("auth.username"), "{readyz}");
+
+    proxy.signal("TERM");
+    let logs = tokio::task::spawn_blocking(move || {
+        proxy.wait_exit(Duration::from_secs(10));
+        proxy.log_text()
+    })
+    .await
+    .unwrap();
+    assert!(logs.lines().count() > 10, "{logs}");
+    let leaks: Vec<&str> = logs.lines().filter(|l| l.contains(PASSWORD)).collect();
+    assert!(leaks.is_empty(), "the password reached the logs: {leaks:#?}");
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("rejected the login") && l.contains(zapsign_proxy::mock::DEMO_USERNAME)),
+        "no log line says which login failed"
+    );
+}
