@@ -62,13 +62,7 @@ async fn rotations_under_load_give_callers_no_failure_one_login_and_refreshes() 
     };
     let h = Harness::start_jwt("refresh_margin = \"2s\"\n", mock_cfg, |_| {}).await;
     let (ok, failures) = load(h.addr, 8, Duration::from_secs(20)).await;
-    assert!(
-        failures.is_empty(),
-        "{} non-2xx of {}: {:?}",
-        failures.len(),
-        ok,
-        &failures[..failures.len().min(5)]
-    );
+    assert_no_failures(ok, &failures);
     assert!(ok > 1000, "too few requests to prove anything: {ok}");
     let s = &h.mock.state;
     assert_eq!(s.logins.load(Ordering::SeqCst), 1, "exactly one login");
@@ -91,13 +85,7 @@ async fn short_lived_refresh_tokens_fall_back_to_login_without_failures() {
     };
     let h = Harness::start_jwt("refresh_margin = \"2s\"\n", mock_cfg, |_| {}).await;
     let (ok, failures) = load(h.addr, 4, Duration::from_secs(13)).await;
-    assert!(
-        failures.is_empty(),
-        "{} non-2xx of {}: {:?}",
-        failures.len(),
-        ok,
-        &failures[..failures.len().min(5)]
-    );
+    assert_no_failures(ok, &failures);
     let logins = h.mock.state.logins.load(Ordering::SeqCst);
     assert!(logins >= 2, "renewals never fell back to login ({logins} logins)");
     h.shutdown().await;
@@ -156,13 +144,7 @@ async fn revoked_tokens_are_renewed_and_requests_replayed_unless_too_large() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_requests_meeting_an_expired_token_cause_one_renewal() {
     // HTTP/2 on both sides keeps this to two connections however many requests run at once.
-    let ca = TestCa::new();
-    let dir = tempfile::tempdir().unwrap();
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, &ca.ca_pem).unwrap();
-    let mock = MockZapSign::start_tls(MockConfig::default(), ca.server_config())
-        .await
-        .unwrap();
+    let (mock, _dir, ca_file) = tls_mock(MockConfig::default()).await;
     let url = mock.url();
     let text = format!("{}[upstream]\nca_file = \"{}\"\n", jwt_config(""), ca_file.display());
     let h = Harness::start_with(mock, &text, &url).await;

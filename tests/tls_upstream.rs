@@ -8,13 +8,7 @@ use zapsign_proxy::mock::{MockConfig, MockZapSign, DEMO_API_TOKEN};
 
 #[tokio::test]
 async fn https_upstream_with_test_ca_works_with_ca_file_over_h2() {
-    let ca = TestCa::new();
-    let dir = tempfile::tempdir().unwrap();
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, &ca.ca_pem).unwrap();
-    let mock = MockZapSign::start_tls(MockConfig::default(), ca.server_config())
-        .await
-        .unwrap();
+    let (mock, _dir, ca_file) = tls_mock(MockConfig::default()).await;
     let url = mock.url();
     let text = format!(
         "[auth]\nmode = \"static\"\napi_token = \"{DEMO_API_TOKEN}\"\n[upstream]\nca_file = \"{}\"\n",

@@ -119,19 +119,7 @@ impl Answer {
 
 /// Sends one request over a new HTTP/1.1 connection to `addr`.
 pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Answer {
-    let stream = TcpStream::connect(addr).await.expect("connect to proxy");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
-    let resp = sender.send_request(req).await.expect("response");
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await.expect("body").to_bytes();
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
+    Caller::connect(addr).await.send(req).await
 }
 
 /// Sends one request over a new HTTP/2 prior-knowledge (h2c) connection to `addr`.
@@ -423,4 +411,25 @@ impl Caller {
             body,
         }
     }
+}
+
+/// A mock serving HTTPS with a fresh test CA, and the CA's PEM file for `upstream.ca_file`.
+pub async fn tls_mock(cfg: MockConfig) -> (MockZapSign, tempfile::TempDir, std::path::PathBuf) {
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.ca_pem).unwrap();
+    let mock = MockZapSign::start_tls(cfg, ca.server_config()).await.unwrap();
+    (mock, dir, ca_file)
+}
+
+/// Asserts a load run saw no failure.
+pub fn assert_no_failures(ok: u64, failures: &[String]) {
+    assert!(
+        failures.is_empty(),
+        "{} non-2xx of {}: {:?}",
+        failures.len(),
+        ok + failures.len() as u64,
+        &failures[..failures.len().min(5)]
+    );
 }
