@@ -105,3 +105,20 @@ async fn status_codes_of_the_upstream_pass_through_unchanged() {
     }
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn max_connections_holds_extra_callers_until_a_slot_frees() {
+    let h = Harness::start_static("[server]\nmax_connections = 1\n", MockConfig::default()).await;
+    let mut first = Caller::connect(h.addr).await;
+    assert_eq!(first.send(get(h.addr, "/api/v1/docs/")).await.status, 200);
+    // The second caller's connection waits in the backlog while the first keeps its slot.
+    let addr = h.addr;
+    let second = tokio::spawn(async move { send(addr, get(addr, "/api/v1/docs/")).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!second.is_finished(), "a second connection was served beyond max_connections = 1");
+    assert_eq!(h.mock.state.records().len(), 1);
+    drop(first);
+    let answer = tokio::time::timeout(Duration::from_secs(5), second).await.expect("served once a slot freed");
+    assert_eq!(answer.unwrap().status, 200);
+    h.shutdown().await;
+}
