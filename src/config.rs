@@ -249,7 +249,7 @@ pub struct AccessConfig {
     /// File of client keys, one a line.
     pub client_keys_file: Option<PathBuf>,
     /// Client keys callers must present in `Proxy-Authorization: Bearer <key>`; empty means none required.
-    pub client_keys: Vec<Secret>,
+    pub client_keys: Vec<ClientKey>,
     /// Path prefixes callers may reach.
     pub allow_paths: Vec<String>,
 }
@@ -725,12 +725,36 @@ fn validate_access(raw: RawAccess, env: EnvLookup<'_>) -> Result<AccessConfig, C
 }
 
 /// One key a line; blank lines and lines starting with `#` are skipped.
-fn parse_client_keys(text: &str) -> Vec<Secret> {
+fn parse_client_keys(text: &str) -> Vec<ClientKey> {
     text.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(Secret::new)
+        .map(ClientKey::new)
         .collect()
+}
+
+/// A client key and the id that names it in logs: `key-` and the first 8 hex digits of its SHA-256, so an
+/// operator can tell callers apart without the key ever being written down.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClientKey {
+    /// Safe to log.
+    pub id: std::sync::Arc<str>,
+    /// The key itself.
+    #[serde(skip)]
+    pub key: Secret,
+}
+
+impl ClientKey {
+    /// Wraps a key and derives its id.
+    pub fn new(key: &str) -> Self {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(key.as_bytes());
+        let id = format!("key-{}", crate::secret::hex(&digest[..4]));
+        Self {
+            id: id.into(),
+            key: Secret::new(key),
+        }
+    }
 }
 
 fn validate_log(raw: RawLog) -> Result<LogConfig, ConfigError> {

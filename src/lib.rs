@@ -9,6 +9,7 @@
 //! - [`headers`]: the header and query rules, as pure functions.
 //! - [`upstream`]: the pooled hyper client over rustls towards ZapSign; [`tls`] builds its trust roots.
 //! - [`auth`]: the lock-free token holder and (JWT mode) the login/refresh machinery.
+//! - [`reload`]: applies a re-read configuration (SIGHUP) to the running proxy.
 //! - [`replay`]: the bounded buffer that lets a request be sent again after an upstream 401.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on their own listener; [`metrics`] holds the counters.
 //! - [`error`]: the proxy's own error answers; [`secret`]: the redacting secret type.
@@ -26,6 +27,7 @@ pub mod logging;
 pub mod metrics;
 pub mod mock;
 pub mod proxy;
+pub mod reload;
 pub mod replay;
 pub mod secret;
 pub mod server;
@@ -36,6 +38,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::info;
@@ -93,9 +96,20 @@ impl Listeners {
 
 /// Runs the proxy on `listeners` until `shutdown` completes, then drains within `server.shutdown_grace`.
 pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    run_with_reloads(config, listeners, shutdown, None).await
+}
+
+/// [`run`], also applying every configuration received on `reloads` (see [`reload`]).
+pub async fn run_with_reloads(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+    reloads: Option<reload::Reloads>,
+) -> Result<(), RunError> {
     // reqwest and hyper-rustls get explicit configs; a default provider covers any other rustls user.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let tls = tls::client_config(config.upstream.ca_file.as_deref())?;
+    let server_tls = reload::tls_cell(&config)?;
     let metrics = Arc::new(Metrics::new());
     let (stop_tx, stop_rx) = watch::channel(false);
     let (holder, renewer) = token_keeper(&config, &tls, &metrics)?;
@@ -110,7 +124,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         renewer,
         replay_limit: config.auth.replay_buffer,
         replay_budget: Arc::new(ReplayBudget::new(replay_budget(config.auth.replay_buffer))),
-        access: config.access.clone(),
+        access: ArcSwap::from_pointee(config.access.clone()),
         metrics: metrics.clone(),
     });
     if let Some(admin) = listeners.admin {
@@ -123,7 +137,16 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         mode = ?config.auth.mode,
         "proxy listening"
     );
-    let serving = server::serve(listeners.proxy, proxy, &config.server, stop_rx);
+    if let Some(reloads) = reloads {
+        let live = reload::Live {
+            proxy: proxy.clone(),
+            holder: holder.clone(),
+            renewer: proxy.renewer.clone(),
+            tls: server_tls.clone(),
+        };
+        tokio::spawn(reload::apply_all(config.clone(), reloads, live));
+    }
+    let serving = server::serve(listeners.proxy, proxy, &config.server, server_tls, stop_rx);
     let stopping = async {
         shutdown.await;
         info!("shutdown requested");

@@ -44,7 +44,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::MockUpstream { listen }) => exit(run_mock(listen)),
         Some(Command::Demo) => match demo_config(&cli) {
-            Ok(config) => exit(run_proxy(config, true)),
+            Ok(config) => exit(run_proxy(config, true, None)),
             Err(e) => config_failure(&e),
         },
         None => match Config::load(cli.config.as_deref(), &process_env).and_then(|c| check_tls(c, &cli)) {
@@ -53,7 +53,7 @@ fn main() -> ExitCode {
                 print!("{}", config.to_redacted_toml());
                 ExitCode::SUCCESS
             }
-            Ok(config) => exit(run_proxy(config, false)),
+            Ok(config) => exit(run_proxy(config, false, cli.config.clone())),
         },
     }
 }
@@ -109,7 +109,9 @@ fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-fn run_proxy(mut config: Config, demo: bool) -> anyhow::Result<()> {
+/// Runs the proxy; on SIGHUP it re-reads `reload_from` (or, without a file, the environment). The demo, whose
+/// configuration is made up in code, ignores SIGHUP.
+fn run_proxy(mut config: Config, demo: bool, reload_from: Option<PathBuf>) -> anyhow::Result<()> {
     logging::init(&config.log);
     runtime(config.server.workers)?.block_on(async move {
         let _mock = if demo {
@@ -131,7 +133,14 @@ fn run_proxy(mut config: Config, demo: bool) -> anyhow::Result<()> {
         if demo {
             print_demo_help(&listeners)?;
         }
-        zapsign_proxy::run(config, listeners, shutdown_signal()).await?;
+        let reloads = if demo {
+            None
+        } else {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tokio::spawn(reload_on_sighup(reload_from, tx));
+            Some(rx)
+        };
+        zapsign_proxy::run_with_reloads(config, listeners, shutdown_signal(), reloads).await?;
         Ok(())
     })
 }
@@ -184,6 +193,27 @@ fn run_mock(listen: SocketAddr) -> anyhow::Result<()> {
         drop(mock);
         Ok(())
     })
+}
+
+/// On each SIGHUP, re-reads the configuration (and the secret files it names) and hands it to the proxy. A
+/// configuration that does not validate is logged and dropped: the running one stays.
+async fn reload_on_sighup(path: Option<PathBuf>, tx: tokio::sync::mpsc::Sender<Config>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; configuration reload is unavailable");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        tracing::info!("SIGHUP: re-reading the configuration");
+        match Config::load(path.as_deref(), &process_env) {
+            Ok(config) => {
+                if tx.send(config).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::error!("reload rejected, the running configuration stays: {e}"),
+        }
+    }
 }
 
 /// Completes on SIGTERM or SIGINT.

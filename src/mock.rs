@@ -124,6 +124,7 @@ pub struct MockState {
     /// Access tokens issued before this epoch are rejected (refresh tokens stay valid).
     access_epoch: AtomicU64,
     login_times: Mutex<Vec<std::time::Instant>>,
+    issued: Mutex<Vec<String>>,
     serial: AtomicU64,
     last_login_password: Mutex<Option<String>>,
 }
@@ -143,6 +144,7 @@ impl MockState {
             epoch: AtomicU64::new(0),
             access_epoch: AtomicU64::new(0),
             login_times: Mutex::new(Vec::new()),
+            issued: Mutex::new(Vec::new()),
             serial: AtomicU64::new(0),
             last_login_password: Mutex::new(None),
         }
@@ -165,6 +167,11 @@ impl MockState {
     /// Makes every access token issued so far expire now, as if their time were up; refresh tokens stay valid.
     pub fn expire_access_tokens(&self) {
         self.access_epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Every token issued so far (tests check none of them reaches a log).
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.issued.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// When each login attempt arrived.
@@ -214,7 +221,12 @@ impl MockState {
             payload["exp"] = json!(exp.floor() as u64);
         }
         let payload = URL_SAFE_NO_PAD.encode(payload.to_string());
-        format!("{header}.{payload}.bW9jaw")
+        let token = format!("{header}.{payload}.bW9jaw");
+        self.issued
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(token.clone());
+        token
     }
 
     /// Whether `token` is a live token of `kind` issued by this mock.
@@ -435,10 +447,7 @@ async fn hash_body(mut body: Incoming) -> Result<(u64, String), hyper::Error> {
     Ok((len, hex(&hasher.finalize())))
 }
 
-/// Lower-case hex of bytes.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use crate::secret::hex;
 
 async fn test_hook(hook: &str, req: Request<Incoming>) -> Response<MockBody> {
     let mut parts = hook.trim_end_matches('/').splitn(2, '/');

@@ -16,6 +16,8 @@ use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tracing::{info, info_span, warn, Instrument};
 
+use arc_swap::ArcSwap;
+
 use crate::auth::renewer::{Renewer, Trigger};
 use crate::auth::{Token, TokenHolder};
 use crate::config::{AccessConfig, BaseUrl};
@@ -46,10 +48,19 @@ pub struct Proxy {
     pub(crate) replay_limit: u64,
     /// Bytes kept for replays across all requests.
     pub(crate) replay_budget: Arc<ReplayBudget>,
-    /// Caller checks.
-    pub(crate) access: AccessConfig,
+    /// Caller checks; swapped whole on reload.
+    pub(crate) access: ArcSwap<AccessConfig>,
     /// Counters.
     pub(crate) metrics: Arc<Metrics>,
+}
+
+/// What the access log says about a request beyond its head.
+#[derive(Debug, Default)]
+struct Outcome {
+    /// The id of the client key the caller presented.
+    key_id: Option<Arc<str>>,
+    /// Time from sending upstream until the response head arrived (the last attempt, when replayed).
+    upstream: Option<Duration>,
 }
 
 /// What a replay needs of the request head.
@@ -97,7 +108,12 @@ impl Proxy {
             method = %parts.method,
             path = parts.uri.path(),
         );
-        let mut resp = match self.forward(parts, body, peer, proto).instrument(span.clone()).await {
+        let mut outcome = Outcome::default();
+        let forwarded = self
+            .forward(parts, body, peer, proto, &mut outcome)
+            .instrument(span.clone())
+            .await;
+        let mut resp = match forwarded {
             Ok(resp) => resp.map(Either::Left),
             Err(err) => {
                 span.in_scope(|| warn!(error = err.code(), "{err}"));
@@ -111,7 +127,9 @@ impl Proxy {
             info!(
                 status = resp.status().as_u16(),
                 duration_us = elapsed.as_micros() as u64,
+                upstream_us = outcome.upstream.map(|d| d.as_micros() as u64),
                 client = %peer.ip(),
+                key_id = outcome.key_id.as_deref(),
                 "served"
             )
         });
@@ -124,8 +142,9 @@ impl Proxy {
         body: Incoming,
         peer: SocketAddr,
         proto: &'static str,
+        outcome: &mut Outcome,
     ) -> Result<Response<Incoming>, ProxyError> {
-        self.check_access(&parts, peer)?;
+        outcome.key_id = self.check_access(&parts, peer)?;
         let path_and_query = self.target(&parts)?;
         let token = self.token().await?;
         let caller_host = caller_host(&parts);
@@ -136,15 +155,17 @@ impl Proxy {
         parts.uri = self.upstream_uri(path_and_query)?;
         parts.version = Version::HTTP_11;
         let Some(renewer) = &self.renewer else {
-            return self.send(Request::from_parts(parts, ForwardBody::Plain(body))).await;
+            return self
+                .send(Request::from_parts(parts, ForwardBody::Plain(body)), outcome)
+                .await;
         };
         let (body, returned) = ForwardBody::tee(body, self.replay_limit, &self.replay_budget);
         let head = Head::of(&parts);
-        let resp = self.send(Request::from_parts(parts, body)).await?;
+        let resp = self.send(Request::from_parts(parts, body), outcome).await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
         }
-        self.replay_after_401(resp, head, returned, token.generation, renewer)
+        self.replay_after_401(resp, head, returned, token.generation, renewer, outcome)
             .await
     }
 
@@ -168,6 +189,7 @@ impl Proxy {
         returned: Option<oneshot::Receiver<Returned>>,
         generation: u64,
         renewer: &Arc<Renewer>,
+        outcome: &mut Outcome,
     ) -> Result<Response<Incoming>, ProxyError> {
         let body = match returned {
             None => Some(ForwardBody::Empty),
@@ -194,11 +216,14 @@ impl Proxy {
             generation = token.generation,
             "replaying after an upstream 401 with a renewed token"
         );
-        self.send(req).await
+        self.send(req, outcome).await
     }
 
-    async fn send(&self, req: Request<ForwardBody>) -> Result<Response<Incoming>, ProxyError> {
-        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+    async fn send(&self, req: Request<ForwardBody>, outcome: &mut Outcome) -> Result<Response<Incoming>, ProxyError> {
+        let sent = Instant::now();
+        let result = tokio::time::timeout(self.response_timeout, self.client.request(req)).await;
+        outcome.upstream = Some(sent.elapsed());
+        match result {
             Err(_) => {
                 self.metrics.upstream_error(None);
                 Err(ProxyError::UpstreamTimeout {
@@ -219,43 +244,41 @@ impl Proxy {
         }
     }
 
-    /// The contract's order: caller network (403), client key (407), path (403).
-    fn check_access(&self, parts: &Parts, peer: SocketAddr) -> Result<(), ProxyError> {
+    /// The contract's order: caller network (403), client key (407), path (403). Returns the id of the client
+    /// key presented, for the access log.
+    fn check_access(&self, parts: &Parts, peer: SocketAddr) -> Result<Option<Arc<str>>, ProxyError> {
+        let access = self.access.load();
         let ip = peer.ip().to_canonical();
-        if !self.access.allow_networks.iter().any(|n| n.contains(&ip)) {
+        if !access.allow_networks.iter().any(|n| n.contains(&ip)) {
             return Err(ProxyError::Forbidden(
                 "the caller's address is not in access.allow_networks",
             ));
         }
-        if !self.access.client_keys.is_empty() {
+        let mut key_id = None;
+        if !access.client_keys.is_empty() {
             let presented = parts
                 .headers
                 .get(PROXY_AUTHORIZATION)
                 .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
                 .ok_or(ProxyError::ProxyAuthRequired)?;
             // Every key is compared, so the time taken does not tell which key came close.
-            let matched = self
-                .access
-                .client_keys
-                .iter()
-                .fold(false, |found, key| key.constant_time_eq(presented) | found);
-            if !matched {
+            for key in &access.client_keys {
+                if key.key.constant_time_eq(presented) {
+                    key_id = Some(key.id.clone());
+                }
+            }
+            if key_id.is_none() {
                 return Err(ProxyError::ProxyAuthRequired);
             }
         }
         // A CONNECT (authority-form) target has no path to check; `target` refuses it with 400.
         let Some(pq) = parts.uri.path_and_query() else {
-            return Ok(());
+            return Ok(key_id);
         };
-        if !self
-            .access
-            .allow_paths
-            .iter()
-            .any(|p| pq.path().starts_with(p.as_str()))
-        {
+        if !access.allow_paths.iter().any(|p| pq.path().starts_with(p.as_str())) {
             return Err(ProxyError::Forbidden("the path is not in access.allow_paths"));
         }
-        Ok(())
+        Ok(key_id)
     }
 
     /// The path and query to send upstream. Refuses `CONNECT` and absolute-form targets naming any other

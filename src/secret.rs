@@ -48,6 +48,11 @@ impl serde::Serialize for Secret {
     }
 }
 
+/// Lower-case hex of bytes (digests and key ids).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,5 @@
-//! The caller-facing listener: accept loop with a connection limit, HTTP/1.1 served directly and HTTP/2
-//! (h2c prior knowledge) detected from the connection preface, `server.header_read_timeout`, and graceful
+//! The caller-facing listener: accept loop with a connection limit, optional TLS (HTTP/2 by ALPN), HTTP/1.1
+//! served directly and HTTP/2 detected from the connection preface (h2c, or h2 after ALPN), `server.header_read_timeout`, and graceful
 //! shutdown within `server.shutdown_grace`.
 
 use std::convert::Infallible;
@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -17,6 +18,7 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::config::ServerConfig;
@@ -55,9 +57,18 @@ pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
+/// The caller-facing TLS identity, swapped on reload; `None` for plain HTTP.
+pub type TlsCell = Option<Arc<ArcSwap<TlsAcceptor>>>;
+
 /// Accepts and serves callers until `shutdown` turns true, then closes the listener (new connections are
 /// refused, not left waiting) and lets open requests finish within `server.shutdown_grace`.
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, cfg: &ServerConfig, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    cfg: &ServerConfig,
+    tls: TlsCell,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let settings = Arc::new(ConnSettings::new(cfg));
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
     let graceful = GracefulShutdown::new();
@@ -86,8 +97,19 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, cfg: &ServerConfig,
         let proxy = proxy.clone();
         let settings = settings.clone();
         let watcher = graceful.watcher();
+        let acceptor = tls.as_ref().map(|cell| cell.load_full());
         tokio::spawn(async move {
-            serve_connection(stream, peer, "http", proxy, &settings, watcher).await;
+            match acceptor {
+                None => serve_connection(stream, peer, "http", proxy, &settings, watcher).await,
+                // The handshake counts against the header read timeout: a silent TLS client is cut off too.
+                Some(acceptor) => {
+                    match tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => serve_connection(stream, peer, "https", proxy, &settings, watcher).await,
+                        Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => debug!(%peer, "no TLS handshake within server.header_read_timeout"),
+                    }
+                }
+            }
             drop(permit);
         });
     }

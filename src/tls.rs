@@ -55,3 +55,25 @@ pub fn read_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>
     }
     Ok(certs)
 }
+
+/// The caller-facing TLS config from `server.tls_cert_file` and `server.tls_key_file`, offering HTTP/2 and
+/// HTTP/1.1 by ALPN.
+pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<rustls::ServerConfig, ConfigError> {
+    use rustls_pki_types::PrivateKeyDer;
+    let certs = read_certs("server.tls_cert_file", cert_file)?;
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| ConfigError::Invalid {
+        key: "server.tls_key_file".into(),
+        problem: format!("no usable private key in {}: {e}", key_file.display()),
+        fix: "give the PEM private key (PKCS#8, PKCS#1 or SEC1) that matches server.tls_cert_file".into(),
+    })?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
+        .map_err(|e| ConfigError::Invalid {
+            key: "server.tls_key_file".into(),
+            problem: format!("the certificate and key do not make a TLS identity: {e}"),
+            fix: "check that the key belongs to the first certificate of server.tls_cert_file".into(),
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}

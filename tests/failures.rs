@@ -115,10 +115,15 @@ async fn max_connections_holds_extra_callers_until_a_slot_frees() {
     let addr = h.addr;
     let second = tokio::spawn(async move { send(addr, get(addr, "/api/v1/docs/")).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!second.is_finished(), "a second connection was served beyond max_connections = 1");
+    assert!(
+        !second.is_finished(),
+        "a second connection was served beyond max_connections = 1"
+    );
     assert_eq!(h.mock.state.records().len(), 1);
     drop(first);
-    let answer = tokio::time::timeout(Duration::from_secs(5), second).await.expect("served once a slot freed");
+    let answer = tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .expect("served once a slot freed");
     assert_eq!(answer.unwrap().status, 200);
     h.shutdown().await;
 }

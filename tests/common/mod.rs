@@ -300,6 +300,11 @@ impl Subprocess {
         None
     }
 
+    /// The config file the proxy was started with (tests rewrite it before SIGHUP).
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self._dir.path().join("proxy.toml")
+    }
+
     pub fn log_text(&self) -> String {
         self.lines.lock().unwrap().join("\n")
     }
