@@ -116,14 +116,10 @@ fn deployment_ports_probes_and_grace_agree_with_the_config() {
     assert_eq!(config_path.parent().unwrap(), Path::new(mounts["config"]));
     assert!(m["ConfigMap"]["data"][config_path.file_name().unwrap().to_str().unwrap()].is_string());
     let secret_data = &m["Secret"]["stringData"];
-    for key in ["password_file"] {
-        let file = Path::new(cfg["auth"][key].as_str().unwrap());
-        assert_eq!(file.parent().unwrap(), Path::new(mounts["credentials"]));
-        assert!(
-            secret_data[file.file_name().unwrap().to_str().unwrap()].is_string(),
-            "Secret lacks {key}"
-        );
-    }
+    let password_file = Path::new(cfg["auth"]["password_file"].as_str().unwrap());
+    assert_eq!(password_file.parent().unwrap(), Path::new(mounts["credentials"]));
+    let name = password_file.file_name().unwrap().to_str().unwrap();
+    assert!(secret_data[name].is_string(), "the Secret lacks {name}");
     let keys_file = Path::new(cfg["access"]["client_keys_file"].as_str().unwrap());
     assert!(secret_data[keys_file.file_name().unwrap().to_str().unwrap()].is_string());
 }
