@@ -43,7 +43,20 @@ static HOP_BY_HOP: [&HeaderName; 10] = [
 /// `Expect` is removed too: the proxy answers `100-continue` to its caller itself (hyper does so when the body
 /// is first read), so the upstream must not wait for a body the proxy already streams.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(&header::CONNECTION) || headers.contains_key(&PROXY_CONNECTION) {
+    // One pass over the headers present (a handful) instead of a hashed lookup per hop-by-hop name: most
+    // requests carry none, and then nothing else is done.
+    let mut found = false;
+    let mut has_connection_list = false;
+    for name in headers.keys() {
+        if HOP_BY_HOP.contains(&name) {
+            found = true;
+            has_connection_list |= name == header::CONNECTION || name == PROXY_CONNECTION;
+        }
+    }
+    if !found {
+        return;
+    }
+    if has_connection_list {
         let named: Vec<HeaderName> = headers
             .get_all(&header::CONNECTION)
             .iter()
@@ -64,25 +77,39 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 /// Appends the caller's address to `X-Forwarded-For` (keeping what earlier proxies wrote, as one value), and
 /// sets `X-Forwarded-Proto` and `X-Forwarded-Host` to what the caller used to reach this proxy.
 pub fn set_forwarding(headers: &mut HeaderMap, client: IpAddr, proto: &'static str, caller_host: Option<HeaderValue>) {
-    let mut ip_buf = [0u8; 64];
-    let ip = format_ip(client, &mut ip_buf);
+    set_forwarding_for(headers, &client_value(client), proto, caller_host);
+}
+
+/// The caller's address as a header value; built once per connection, not per request.
+pub fn client_value(client: IpAddr) -> HeaderValue {
+    let mut buf = [0u8; 64];
+    HeaderValue::from_str(format_ip(client, &mut buf)).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// [`set_forwarding`] with the caller's address already made a header value by [`client_value`].
+pub fn set_forwarding_for(
+    headers: &mut HeaderMap,
+    client: &HeaderValue,
+    proto: &'static str,
+    caller_host: Option<HeaderValue>,
+) {
     let mut earlier = headers
         .get_all(&X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .peekable();
     let value = if earlier.peek().is_none() {
-        HeaderValue::from_str(ip)
+        Some(client.clone())
     } else {
         let mut joined = String::with_capacity(64);
         for v in earlier {
             joined.push_str(v);
             joined.push_str(", ");
         }
-        joined.push_str(ip);
-        HeaderValue::from_str(&joined)
+        joined.push_str(client.to_str().unwrap_or("unknown"));
+        HeaderValue::from_str(&joined).ok()
     };
-    if let Ok(value) = value {
+    if let Some(value) = value {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));

@@ -7,6 +7,7 @@
 //! - [`server`]: the caller listener: accept loop, connection limit, HTTP/1.1 and h2c, graceful shutdown.
 //! - [`proxy`]: the per-request service: access checks, request rewriting, forwarding, error answers.
 //! - [`headers`]: the header and query rules, as pure functions.
+//! - [`affinity`]: each caller HTTP/1.1 connection drives its own upstream connection in the same task.
 //! - [`upstream`]: the pooled hyper client over rustls towards ZapSign; [`tls`] builds its trust roots.
 //! - [`auth`]: the lock-free token holder and (JWT mode) the login/refresh machinery.
 //! - [`reload`]: applies a re-read configuration (SIGHUP) to the running proxy.
@@ -19,11 +20,13 @@
 //! in-process.
 
 pub mod admin;
+pub mod affinity;
 pub mod auth;
 pub mod config;
 pub mod error;
 pub mod headers;
 pub mod logging;
+mod memory;
 pub mod metrics;
 pub mod mock;
 pub mod proxy;
@@ -116,10 +119,13 @@ pub async fn run_with_reloads(
     if let Some(renewer) = &renewer {
         tokio::spawn(renewer.clone().run(stop_rx.clone()));
     }
+    let connector = upstream::build_connector(&config.upstream, tls);
     let proxy = Arc::new(proxy::Proxy {
         upstream: config.upstream.url.clone(),
         response_timeout: config.upstream.response_timeout,
-        client: upstream::build_client(&config.upstream, tls),
+        client: upstream::build_client(connector.clone()),
+        connector,
+        h2_upstream: std::sync::atomic::AtomicBool::new(false),
         holder: holder.clone(),
         renewer,
         replay_limit: config.auth.replay_buffer,

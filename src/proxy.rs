@@ -3,6 +3,7 @@
 //! mode, renews the token and replays the request once when the upstream answers 401.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,16 +19,18 @@ use tracing::{info, info_span, warn, Instrument};
 
 use arc_swap::ArcSwap;
 
+use crate::affinity::{Affinity, Miss};
 use crate::auth::renewer::{Renewer, Trigger};
 use crate::auth::{Token, TokenHolder};
 use crate::config::{AccessConfig, BaseUrl};
 use crate::error::ProxyError;
+use crate::error::UpstreamFailure;
 use crate::headers::{
-    ensure_request_id, remove_hop_by_hop, set_authorization, set_forwarding, strip_api_token, X_REQUEST_ID,
+    ensure_request_id, remove_hop_by_hop, set_authorization, set_forwarding_for, strip_api_token, X_REQUEST_ID,
 };
 use crate::metrics::Metrics;
 use crate::replay::{ForwardBody, ReplayBudget, Returned};
-use crate::upstream::{classify, UpstreamClient};
+use crate::upstream::{classify, Connector, UpstreamClient};
 
 /// The body of every response the proxy sends: the upstream's, streamed, or the proxy's own JSON error.
 pub type ResponseBody = Either<Incoming, Full<Bytes>>;
@@ -40,6 +43,10 @@ pub struct Proxy {
     pub(crate) response_timeout: Duration,
     /// The pooled upstream client.
     pub(crate) client: UpstreamClient<ForwardBody>,
+    /// Opens affine upstream connections.
+    pub(crate) connector: Connector,
+    /// The upstream negotiated HTTP/2: affinity is pointless, the pool multiplexes.
+    pub(crate) h2_upstream: AtomicBool,
     /// The current token.
     pub(crate) holder: Arc<TokenHolder>,
     /// JWT mode: renews tokens; `None` in static mode, where a 401 passes through.
@@ -54,13 +61,41 @@ pub struct Proxy {
     pub(crate) metrics: Arc<Metrics>,
 }
 
-/// What the access log says about a request beyond its head.
-#[derive(Debug, Default)]
-struct Outcome {
+/// What a caller connection gives each of its requests; built once per connection.
+pub(crate) struct CallerConn {
+    /// The caller's address.
+    pub(crate) peer: SocketAddr,
+    /// `"http"` or `"https"`: how the caller reached us.
+    pub(crate) proto: &'static str,
+    /// The caller's IP as a header value, for `X-Forwarded-For`.
+    pub(crate) client_value: HeaderValue,
+    /// The connection's own upstream connection (HTTP/1.1 callers); `None` uses the pool.
+    pub(crate) affinity: Option<Arc<Affinity>>,
+}
+
+impl CallerConn {
+    /// The per-connection state for `peer`.
+    pub(crate) fn new(peer: SocketAddr, proto: &'static str, affinity: Option<Arc<Affinity>>) -> Self {
+        Self {
+            peer,
+            proto,
+            client_value: crate::headers::client_value(peer.ip().to_canonical()),
+            affinity,
+        }
+    }
+}
+
+/// Per-request state beyond the head: the caller connection's affine upstream, and what the access log says.
+#[derive(Default)]
+struct Outcome<'a> {
+    /// The caller connection's own upstream connection (HTTP/1.1 callers).
+    affinity: Option<&'a Affinity>,
     /// The id of the client key the caller presented.
     key_id: Option<Arc<str>>,
     /// Time from sending upstream until the response head arrived (the last attempt, when replayed).
     upstream: Option<Duration>,
+    /// Whether the access log is on, so the upstream latency is worth a clock read.
+    timed: bool,
 }
 
 /// What a replay needs of the request head.
@@ -90,14 +125,10 @@ impl Head {
 }
 
 impl Proxy {
-    /// Serves one request from `peer`, who reached us over `proto` (`"http"` or `"https"`). Never fails: every
-    /// error becomes the contract's JSON answer.
-    pub async fn handle(
-        &self,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-        proto: &'static str,
-    ) -> Response<ResponseBody> {
+    /// Serves one request from the caller on `conn`. Never fails: every error becomes the contract's JSON
+    /// answer.
+    pub(crate) async fn handle(&self, req: Request<Incoming>, conn: &CallerConn) -> Response<ResponseBody> {
+        let peer = conn.peer;
         let start = Instant::now();
         let (mut parts, body) = req.into_parts();
         let request_id = ensure_request_id(&mut parts.headers);
@@ -108,9 +139,13 @@ impl Proxy {
             method = %parts.method,
             path = parts.uri.path(),
         );
-        let mut outcome = Outcome::default();
+        let mut outcome = Outcome {
+            affinity: conn.affinity.as_deref(),
+            timed: tracing::enabled!(tracing::Level::INFO),
+            ..Outcome::default()
+        };
         let forwarded = self
-            .forward(parts, body, peer, proto, &mut outcome)
+            .forward(parts, body, conn, start, &mut outcome)
             .instrument(span.clone())
             .await;
         let mut resp = match forwarded {
@@ -140,18 +175,18 @@ impl Proxy {
         &self,
         mut parts: Parts,
         body: Incoming,
-        peer: SocketAddr,
-        proto: &'static str,
-        outcome: &mut Outcome,
+        conn: &CallerConn,
+        now: Instant,
+        outcome: &mut Outcome<'_>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        outcome.key_id = self.check_access(&parts, peer)?;
+        outcome.key_id = self.check_access(&parts, conn.peer)?;
         let path_and_query = self.target(&parts)?;
-        let token = self.token().await?;
+        let token = self.token(now).await?;
         let caller_host = caller_host(&parts);
         remove_hop_by_hop(&mut parts.headers);
         set_authorization(&mut parts.headers, &token.header);
         parts.headers.insert(HOST, self.upstream.host_header.clone());
-        set_forwarding(&mut parts.headers, peer.ip(), proto, caller_host);
+        set_forwarding_for(&mut parts.headers, &conn.client_value, conn.proto, caller_host);
         parts.uri = self.upstream_uri(path_and_query)?;
         parts.version = Version::HTTP_11;
         let Some(renewer) = &self.renewer else {
@@ -170,8 +205,8 @@ impl Proxy {
     }
 
     /// The token to inject; in JWT mode a missing one is renewed (or waited for) first.
-    async fn token(&self) -> Result<Arc<Token>, ProxyError> {
-        match self.holder.bearer(Instant::now()) {
+    async fn token(&self, now: Instant) -> Result<Arc<Token>, ProxyError> {
+        match self.holder.bearer(now) {
             Ok(token) => Ok(token),
             Err(err) => match &self.renewer {
                 Some(renewer) => renewer.renew(Trigger::Missing).await,
@@ -189,7 +224,7 @@ impl Proxy {
         returned: Option<oneshot::Receiver<Returned>>,
         generation: u64,
         renewer: &Arc<Renewer>,
-        outcome: &mut Outcome,
+        outcome: &mut Outcome<'_>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let body = match returned {
             None => Some(ForwardBody::Empty),
@@ -216,13 +251,19 @@ impl Proxy {
             generation = token.generation,
             "replaying after an upstream 401 with a renewed token"
         );
+        // A replay goes over the pool: the affine connection may still be finishing the refused exchange.
+        outcome.affinity = None;
         self.send(req, outcome).await
     }
 
-    async fn send(&self, req: Request<ForwardBody>, outcome: &mut Outcome) -> Result<Response<Incoming>, ProxyError> {
-        let sent = Instant::now();
-        let result = tokio::time::timeout(self.response_timeout, self.client.request(req)).await;
-        outcome.upstream = Some(sent.elapsed());
+    async fn send(
+        &self,
+        req: Request<ForwardBody>,
+        outcome: &mut Outcome<'_>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let sent = outcome.timed.then(Instant::now);
+        let result = tokio::time::timeout(self.response_timeout, self.exchange(req, outcome.affinity)).await;
+        outcome.upstream = sent.map(|s| s.elapsed());
         match result {
             Err(_) => {
                 self.metrics.upstream_error(None);
@@ -230,8 +271,7 @@ impl Proxy {
                     timeout: self.response_timeout,
                 })
             }
-            Ok(Err(e)) => {
-                let err = classify(e);
+            Ok(Err(err)) => {
                 if let ProxyError::UpstreamUnreachable { kind, .. } = &err {
                     self.metrics.upstream_error(Some(*kind));
                 }
@@ -242,6 +282,37 @@ impl Proxy {
                 Ok(resp)
             }
         }
+    }
+
+    /// One exchange with the upstream: on the caller connection's own upstream connection when it has one,
+    /// else (or when that connection closed before the request went out) on the pool.
+    async fn exchange(
+        &self,
+        req: Request<ForwardBody>,
+        affinity: Option<&Affinity>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let req = match affinity {
+            Some(affinity) if !self.h2_upstream.load(Ordering::Relaxed) => {
+                match affinity.send(&self.connector, &self.h2_upstream, req).await {
+                    Ok(resp) => return Ok(resp),
+                    Err(Miss::Unsent(req)) => *req,
+                    Err(Miss::Failed(e)) => {
+                        return Err(ProxyError::UpstreamUnreachable {
+                            kind: UpstreamFailure::Protocol,
+                            detail: error_chain(&e),
+                        })
+                    }
+                    Err(Miss::Connect(e)) => {
+                        return Err(ProxyError::UpstreamUnreachable {
+                            kind: UpstreamFailure::Connect,
+                            detail: error_chain(&*e),
+                        })
+                    }
+                }
+            }
+            _ => req,
+        };
+        self.client.request(req).await.map_err(classify)
     }
 
     /// The contract's order: caller network (403), client key (407), path (403). Returns the id of the client
@@ -350,4 +421,16 @@ fn caller_host(parts: &Parts) -> Option<HeaderValue> {
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     })
+}
+
+/// An error and its causes, as one line (no secret: hyper errors never carry headers or bodies).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }

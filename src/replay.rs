@@ -119,10 +119,11 @@ impl Returned {
 pub enum ForwardBody {
     /// The caller's body as it is (static mode, or a body-less request).
     Plain(Incoming),
-    /// The caller's body, kept as it streams.
-    Tee(TeeBody),
+    /// The caller's body, kept as it streams. Boxed, like `Replay`, so the common `Plain` case keeps every
+    /// `Request<ForwardBody>` small: requests are moved several times and queued in hyper's channels.
+    Tee(Box<TeeBody>),
     /// A replay: the kept chunks, then the rest of the caller's body.
-    Replay(ReplayBody),
+    Replay(Box<ReplayBody>),
     /// A replay of a request without a body.
     Empty,
 }
@@ -141,13 +142,13 @@ impl ForwardBody {
             ended: false,
             tx: Some(tx),
         };
-        (Self::Tee(tee), Some(rx))
+        (Self::Tee(Box::new(tee)), Some(rx))
     }
 
     /// The body of a replay from what a tee handed back.
     pub fn replay(returned: Returned) -> Self {
         let Returned { kept, rest } = returned;
-        Self::Replay(ReplayBody { next: 0, kept, rest })
+        Self::Replay(Box::new(ReplayBody { next: 0, kept, rest }))
     }
 }
 
@@ -158,8 +159,8 @@ impl Body for ForwardBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             Self::Plain(b) => Pin::new(b).poll_frame(cx),
-            Self::Tee(b) => Pin::new(b).poll_frame(cx),
-            Self::Replay(b) => Pin::new(b).poll_frame(cx),
+            Self::Tee(b) => Pin::new(&mut **b).poll_frame(cx),
+            Self::Replay(b) => Pin::new(&mut **b).poll_frame(cx),
             Self::Empty => Poll::Ready(None),
         }
     }

@@ -21,8 +21,10 @@ use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use crate::affinity::{Affinity, Paired};
 use crate::config::ServerConfig;
-use crate::proxy::Proxy;
+use crate::memory::Trimmer;
+use crate::proxy::{CallerConn, Proxy};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4): a client speaking h2c with prior knowledge starts with it.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -72,6 +74,9 @@ pub async fn serve(
     let settings = Arc::new(ConnSettings::new(cfg));
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
     let graceful = GracefulShutdown::new();
+    let trimmer = Arc::new(Trimmer::default());
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn(trimmer.clone().run(shutdown.clone()));
     loop {
         let permit = tokio::select! {
             permit = limit.clone().acquire_owned() => match permit {
@@ -98,6 +103,8 @@ pub async fn serve(
         let settings = settings.clone();
         let watcher = graceful.watcher();
         let acceptor = tls.as_ref().map(|cell| cell.load_full());
+        let (active, trimmer) = (active.clone(), trimmer.clone());
+        active.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         tokio::spawn(async move {
             match acceptor {
                 None => serve_connection(stream, peer, "http", proxy, &settings, watcher).await,
@@ -111,6 +118,9 @@ pub async fn serve(
                 }
             }
             drop(permit);
+            if active.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+                trimmer.idle();
+            }
         });
     }
     drop(listener);
@@ -151,14 +161,22 @@ async fn serve_connection<T>(
         end: len as u8,
         inner: io,
     });
-    let service = service_fn(move |req| {
-        let proxy = proxy.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(req, peer, proto).await) }
-    });
     let result = if is_h2 {
+        // HTTP/2 callers multiplex: their requests share the pool.
+        let conn = Arc::new(CallerConn::new(peer, proto, None));
+        let service = service_fn(move |req| {
+            let (proxy, conn) = (proxy.clone(), conn.clone());
+            async move { Ok::<_, Infallible>(proxy.handle(req, &conn).await) }
+        });
         watcher.watch(settings.http2.serve_connection(io, service)).await
     } else {
-        watcher.watch(settings.http1.serve_connection(io, service)).await
+        let affinity = Arc::new(Affinity::default());
+        let conn = Arc::new(CallerConn::new(peer, proto, Some(affinity.clone())));
+        let service = service_fn(move |req| {
+            let (proxy, conn) = (proxy.clone(), conn.clone());
+            async move { Ok::<_, Infallible>(proxy.handle(req, &conn).await) }
+        });
+        Paired::new(watcher.watch(settings.http1.serve_connection(io, service)), affinity).await
     };
     if let Err(e) = result {
         debug!(%peer, error = %e, "connection ended with an error");

@@ -12,32 +12,39 @@ use crate::config::UpstreamConfig;
 use crate::error::{ProxyError, UpstreamFailure};
 
 /// The pooled client, generic over the request body type.
-pub type UpstreamClient<B> = Client<HttpsConnector<HttpConnector>, B>;
+pub type UpstreamClient<B> = Client<Connector, B>;
 
-/// Builds the pooled client for `cfg` with the given TLS settings.
-pub fn build_client<B>(cfg: &UpstreamConfig, tls: rustls::ClientConfig) -> UpstreamClient<B>
+/// Opens upstream connections: TCP with `upstream.connect_timeout` and TCP_NODELAY, then TLS for `https`.
+pub type Connector = HttpsConnector<HttpConnector>;
+
+/// Builds the pooled client for `cfg` on `connector`.
+pub fn build_client<B>(connector: Connector) -> UpstreamClient<B>
 where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
 {
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .build(connector)
+}
+
+/// Builds the connector for `cfg` with the given TLS settings (ALPN offers h2 and http/1.1).
+pub fn build_connector(cfg: &UpstreamConfig, tls: rustls::ClientConfig) -> Connector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     // Small request/response exchanges: Nagle's delay would add up to 40 ms per exchange.
     http.set_nodelay(true);
     http.set_connect_timeout(Some(cfg.connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
-    let https = HttpsConnectorBuilder::new()
+    HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .build(https)
+        .wrap_connector(http)
 }
 
 /// Maps a client error to the proxy's 502, with the cause chain as detail (it holds no secret: no request
