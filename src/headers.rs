@@ -61,9 +61,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             .get_all(&header::CONNECTION)
             .iter()
             .chain(headers.get_all(&PROXY_CONNECTION).iter())
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            // Bytes, not text: one non-ASCII token must not hide the valid names beside it.
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
             .collect();
         for name in named {
             headers.remove(name);

@@ -189,6 +189,7 @@ impl Proxy {
         set_forwarding_for(&mut parts.headers, &conn.client_value, conn.proto, caller_host);
         parts.uri = self.upstream_uri(path_and_query)?;
         parts.version = Version::HTTP_11;
+        keep_unknown_length_body(&mut parts, &body);
         let Some(renewer) = &self.renewer else {
             return self
                 .send(Request::from_parts(parts, ForwardBody::Plain(body)), outcome)
@@ -277,6 +278,14 @@ impl Proxy {
                 }
                 Err(err)
             }
+            Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                // The proxy never asks for an upgrade (it strips `Upgrade`): a 101 is the upstream breaking HTTP.
+                self.metrics.upstream_error(Some(UpstreamFailure::Protocol));
+                Err(ProxyError::UpstreamUnreachable {
+                    kind: UpstreamFailure::Protocol,
+                    detail: "the upstream switched protocols without being asked".into(),
+                })
+            }
             Ok(Ok(mut resp)) => {
                 remove_hop_by_hop(resp.headers_mut());
                 Ok(resp)
@@ -296,6 +305,7 @@ impl Proxy {
                 match affinity.send(&self.connector, &self.h2_upstream, req).await {
                     Ok(resp) => return Ok(resp),
                     Err(Miss::Unsent(req)) => *req,
+                    Err(Miss::Failed(e)) if caller_body_failed(&e) => return Err(CALLER_BODY_FAILED),
                     Err(Miss::Failed(e)) => {
                         return Err(ProxyError::UpstreamUnreachable {
                             kind: UpstreamFailure::Protocol,
@@ -312,7 +322,13 @@ impl Proxy {
             }
             _ => req,
         };
-        self.client.request(req).await.map_err(classify)
+        self.client.request(req).await.map_err(|e| {
+            if caller_body_failed(&e) {
+                CALLER_BODY_FAILED
+            } else {
+                classify(e)
+            }
+        })
     }
 
     /// The contract's order: caller network (403), client key (407), path (403). Returns the id of the client
@@ -413,6 +429,23 @@ impl Proxy {
     }
 }
 
+/// hyper sends a GET or HEAD whose body length is unknown (chunked from the caller, or HTTP/2 DATA without
+/// `content-length`) with no body at all. Such a body is rare but the caller sent it: ask for chunked framing
+/// explicitly so it reaches the upstream whole. (hyper drops the header again towards HTTP/2 upstreams, where
+/// framing needs no header.)
+fn keep_unknown_length_body(parts: &mut Parts, body: &Incoming) {
+    use http_body::Body;
+    if (parts.method == Method::GET || parts.method == Method::HEAD)
+        && !body.is_end_stream()
+        && body.size_hint().exact().is_none()
+        && !parts.headers.contains_key(http::header::CONTENT_LENGTH)
+    {
+        parts
+            .headers
+            .insert(http::header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+    }
+}
+
 /// What the caller used to reach us: `Host`, or the HTTP/2 `:authority`.
 fn caller_host(parts: &Parts) -> Option<HeaderValue> {
     parts.headers.get(HOST).cloned().or_else(|| {
@@ -421,6 +454,26 @@ fn caller_host(parts: &Parts) -> Option<HeaderValue> {
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     })
+}
+
+/// The caller's request body broke (malformed chunked framing, or the caller stopped sending): the caller's
+/// fault, answered 400 and never counted as an upstream failure.
+const CALLER_BODY_FAILED: ProxyError =
+    ProxyError::BadRequest("the request body is malformed or the caller stopped sending it");
+
+/// Whether hyper failed because reading the body we were forwarding failed: a "user body" error carrying the
+/// caller's body error as its cause.
+fn caller_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_user() && std::error::Error::source(h).is_some() {
+                return true;
+            }
+        }
+        current = err.source();
+    }
+    false
 }
 
 /// An error and its causes, as one line (no secret: hyper errors never carry headers or bodies).

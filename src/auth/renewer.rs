@@ -157,6 +157,8 @@ impl Renewer {
                     }
                 }
                 self.holder.set_unavailable(reason, st.next_attempt);
+                // The refresher may be asleep until the old token's renewal time: have it retry after the backoff.
+                self.wake.notify_one();
                 self.holder.bearer(now)
             }
         }

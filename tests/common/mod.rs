@@ -2,6 +2,9 @@
 //! proxy binary as a subprocess, and a listener that counts connections (for "no other host receives").
 #![allow(dead_code)]
 
+pub mod h2_raw;
+pub mod raw_upstream;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
