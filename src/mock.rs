@@ -91,6 +91,8 @@ pub struct Recorded {
     pub headers: Vec<(String, String)>,
     /// HTTP version, e.g. `HTTP/1.1`.
     pub version: String,
+    /// The address the request came from: one per upstream connection.
+    pub peer: SocketAddr,
 }
 
 impl Recorded {
@@ -125,6 +127,7 @@ pub struct MockState {
     access_epoch: AtomicU64,
     login_times: Mutex<Vec<std::time::Instant>>,
     issued: Mutex<Vec<String>>,
+    close_next: std::sync::atomic::AtomicBool,
     serial: AtomicU64,
     last_login_password: Mutex<Option<String>>,
 }
@@ -145,6 +148,7 @@ impl MockState {
             access_epoch: AtomicU64::new(0),
             login_times: Mutex::new(Vec::new()),
             issued: Mutex::new(Vec::new()),
+            close_next: std::sync::atomic::AtomicBool::new(false),
             serial: AtomicU64::new(0),
             last_login_password: Mutex::new(None),
         }
@@ -167,6 +171,11 @@ impl MockState {
     /// Makes every access token issued so far expire now, as if their time were up; refresh tokens stay valid.
     pub fn expire_access_tokens(&self) {
         self.access_epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The next API answer carries `Connection: close`, so the connection it came on ends after it.
+    pub fn close_connections_after_next(&self) {
+        self.close_next.store(true, Ordering::SeqCst);
     }
 
     /// Every token issued so far (tests check none of them reaches a log).
@@ -318,7 +327,7 @@ impl Drop for MockZapSign {
 /// Serves until the task is dropped; with `tls`, over TLS offering HTTP/2 and HTTP/1.1 by ALPN.
 pub async fn serve(listener: TcpListener, state: Arc<MockState>, tls: Option<tokio_rustls::TlsAcceptor>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
@@ -329,22 +338,22 @@ pub async fn serve(listener: TcpListener, state: Arc<MockState>, tls: Option<tok
             match tls {
                 Some(acceptor) => {
                     if let Ok(stream) = acceptor.accept(stream).await {
-                        serve_connection(stream, state).await;
+                        serve_connection(stream, state, peer).await;
                     }
                 }
-                None => serve_connection(stream, state).await,
+                None => serve_connection(stream, state, peer).await,
             }
         });
     }
 }
 
-async fn serve_connection<IO>(io: IO, state: Arc<MockState>)
+async fn serve_connection<IO>(io: IO, state: Arc<MockState>, peer: SocketAddr)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(handle(req, &state).await) }
+        async move { Ok::<_, Infallible>(handle(req, &state, peer).await) }
     });
     let _ = auto::Builder::new(TokioExecutor::new())
         .serve_connection(TokioIo::new(io), service)
@@ -353,7 +362,16 @@ where
 
 type MockBody = Either<Full<Bytes>, PatternBody>;
 
-async fn handle(req: Request<Incoming>, state: &MockState) -> Response<MockBody> {
+async fn handle(req: Request<Incoming>, state: &MockState, peer: SocketAddr) -> Response<MockBody> {
+    let mut resp = route(req, state, peer).await;
+    if state.close_next.swap(false, Ordering::SeqCst) {
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+async fn route(req: Request<Incoming>, state: &MockState, peer: SocketAddr) -> Response<MockBody> {
     let path = req.uri().path().to_owned();
     state.record(Recorded {
         method: req.method().to_string(),
@@ -372,6 +390,7 @@ async fn handle(req: Request<Incoming>, state: &MockState) -> Response<MockBody>
             })
             .collect(),
         version: format!("{:?}", req.version()),
+        peer,
     });
     if req.method() == Method::POST && path == "/api/v1/auth/token-refresh/" {
         return refresh(req, state).await;
