@@ -57,7 +57,9 @@ impl Affinity {
         let cached = self.sender.lock().unwrap_or_else(|p| p.into_inner()).take();
         let mut sender = match cached.filter(|s| !s.is_closed()) {
             Some(s) => s,
-            None => match self.open(connector, req.uri().clone(), h2_upstream).await? {
+            // Boxed: opening (connect and handshake) happens once per connection, and inline it would make
+            // every request's future several KiB larger, all of it copied on each request.
+            None => match Box::pin(self.open(connector, req.uri().clone(), h2_upstream)).await? {
                 Some(s) => s,
                 None => return Err(Miss::Unsent(Box::new(req))),
             },

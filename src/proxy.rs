@@ -201,8 +201,8 @@ impl Proxy {
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
         }
-        self.replay_after_401(resp, head, returned, token.generation, renewer, outcome)
-            .await
+        // Boxed: the replay path is rare and large; inline it would grow every request's future.
+        Box::pin(self.replay_after_401(resp, head, returned, token.generation, renewer, outcome)).await
     }
 
     /// The token to inject; in JWT mode a missing one is renewed (or waited for) first.
@@ -210,7 +210,8 @@ impl Proxy {
         match self.holder.bearer(now) {
             Ok(token) => Ok(token),
             Err(err) => match &self.renewer {
-                Some(renewer) => renewer.renew(Trigger::Missing).await,
+                // Boxed: rare (no valid token), and it keeps the common path's future small.
+                Some(renewer) => Box::pin(renewer.renew(Trigger::Missing)).await,
                 None => Err(err),
             },
         }
