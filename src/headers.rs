@@ -145,9 +145,15 @@ pub fn bearer_value(token: &str) -> Option<HeaderValue> {
 /// Returns the caller's `X-Request-Id` when it is a sane id (1-128 visible ASCII letters, digits or `-_.:`),
 /// else a new one, and writes it into `headers` so the upstream sees the same id.
 pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
-    if let Some(v) = headers.get(&X_REQUEST_ID) {
+    let mut values = headers.get_all(&X_REQUEST_ID).iter();
+    if let (Some(v), more) = (values.next(), values.next().is_some()) {
         if is_sane_request_id(v.as_bytes()) {
-            return v.clone();
+            let id = v.clone();
+            if more {
+                // One id only: further lines would reach the upstream as a list beside the id we log.
+                headers.insert(X_REQUEST_ID.clone(), id.clone());
+            }
+            return id;
         }
     }
     let id = new_request_id();
@@ -325,6 +331,13 @@ mod tests {
         assert_eq!(h["authorization"], "Bearer proxy-token");
         assert!(h["authorization"].is_sensitive());
         assert!(bearer_value("bad\ntoken").is_none());
+    }
+
+    #[test]
+    fn duplicate_request_ids_collapse_to_the_one_returned() {
+        let mut h = map(&[("x-request-id", "abc-123"), ("x-request-id", "forged, id")]);
+        assert_eq!(ensure_request_id(&mut h), "abc-123");
+        assert_eq!(h.get_all("x-request-id").iter().collect::<Vec<_>>(), ["abc-123"]);
     }
 
     #[test]

@@ -145,7 +145,7 @@ impl Proxy {
             ..Outcome::default()
         };
         let forwarded = self
-            .forward(parts, body, conn, start, &mut outcome)
+            .forward(parts, body, conn, start, &request_id, &mut outcome)
             .instrument(span.clone())
             .await;
         let mut resp = match forwarded {
@@ -177,6 +177,7 @@ impl Proxy {
         body: Incoming,
         conn: &CallerConn,
         now: Instant,
+        request_id: &HeaderValue,
         outcome: &mut Outcome<'_>,
     ) -> Result<Response<Incoming>, ProxyError> {
         outcome.key_id = self.check_access(&parts, conn.peer)?;
@@ -184,6 +185,8 @@ impl Proxy {
         let token = self.token(now).await?;
         let caller_host = caller_host(&parts);
         remove_hop_by_hop(&mut parts.headers);
+        // Written again after the hop-by-hop removal: `Connection: x-request-id` must not strip our id.
+        parts.headers.insert(X_REQUEST_ID.clone(), request_id.clone());
         set_authorization(&mut parts.headers, &token.header);
         parts.headers.insert(HOST, self.upstream.host_header.clone());
         set_forwarding_for(&mut parts.headers, &conn.client_value, conn.proto, caller_host);

@@ -143,3 +143,26 @@ async fn post_body_is_forwarded_intact() {
     );
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_upstream_gets_exactly_the_request_id_we_answer_with() {
+    let h = Harness::start_static("", MockConfig::default()).await;
+    // Two ids from the caller, and a Connection header naming the id: one id reaches the upstream, ours.
+    let req = Request::get("/api/v1/docs/")
+        .header("x-request-id", "abc-123")
+        .header("x-request-id", "forged, id")
+        .header("connection", "x-request-id")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let a = send(h.addr, req).await;
+    assert_eq!(a.headers["x-request-id"], "abc-123");
+    let seen = h.mock.state.records().pop().unwrap();
+    let ids: Vec<&str> = seen
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "x-request-id")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(ids, ["abc-123"]);
+    h.shutdown().await;
+}
