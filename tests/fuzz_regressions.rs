@@ -45,7 +45,7 @@ fn replay(target: &str, check: fn(&[u8])) {
 
 #[test]
 fn request_head_regressions() {
-    replay("request_head", |data| request_head_checks::check(data, false));
+    replay("request_head", request_head_checks::check);
 }
 
 #[test]

@@ -7,4 +7,4 @@
 #[path = "../checks/request_head.rs"]
 mod checks;
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::check(data, cfg!(feature = "tolerate-known-bugs")));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::check(data));
