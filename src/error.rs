@@ -12,6 +12,19 @@ use http_body_util::Full;
 /// `x-zapsign-proxy-error`: present on every response the proxy makes up itself.
 pub static X_ZAPSIGN_PROXY_ERROR: HeaderName = HeaderName::from_static("x-zapsign-proxy-error");
 
+/// An error and its causes as one line. Used for upstream and auth failures: hyper, rustls and reqwest errors
+/// never carry request headers or bodies, so no secret reaches the line.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 /// What went wrong towards the upstream, a low-cardinality label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamFailure {
@@ -113,6 +126,15 @@ impl ProxyError {
             h.insert(http::header::PROXY_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
+    }
+}
+
+/// The config error for a static API token that cannot be an HTTP header value.
+pub fn unusable_api_token() -> crate::config::ConfigError {
+    crate::config::ConfigError::Invalid {
+        key: "auth.api_token".into(),
+        problem: "the token holds characters an HTTP header cannot carry".into(),
+        fix: "copy the token again from Settings > Integrations > ZapSign API".into(),
     }
 }
 

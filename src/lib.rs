@@ -193,11 +193,7 @@ fn token_keeper(
                     "set auth.api_token_file, auth.api_token or ZAPSIGN_API_TOKEN",
                 )
             })?;
-            let holder = TokenHolder::with_static(token).ok_or_else(|| ConfigError::Invalid {
-                key: "auth.api_token".into(),
-                problem: "the token holds characters an HTTP header cannot carry".into(),
-                fix: "copy the token again from Settings > Integrations > ZapSign API".into(),
-            })?;
+            let holder = TokenHolder::with_static(token).ok_or_else(crate::error::unusable_api_token)?;
             Ok((Arc::new(holder), None))
         }
         AuthMode::Jwt => {

@@ -23,8 +23,8 @@ use crate::affinity::{Affinity, Miss};
 use crate::auth::renewer::{Renewer, Trigger};
 use crate::auth::{Token, TokenHolder};
 use crate::config::{AccessConfig, BaseUrl};
-use crate::error::ProxyError;
 use crate::error::UpstreamFailure;
+use crate::error::{error_chain, ProxyError};
 use crate::headers::{
     ensure_request_id, remove_hop_by_hop, set_authorization, set_forwarding_for, strip_api_token, X_REQUEST_ID,
 };
@@ -478,16 +478,4 @@ fn caller_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
         current = err.source();
     }
     false
-}
-
-/// An error and its causes, as one line (no secret: hyper errors never carry headers or bodies).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

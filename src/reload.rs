@@ -50,11 +50,7 @@ async fn apply(running: &Config, next: &Config, live: &Live) -> Result<(), Confi
     };
     let static_header = match (next.auth.mode, &next.auth.api_token) {
         (AuthMode::Static, Some(token)) if running.auth.api_token.as_ref() != Some(token) => {
-            Some(bearer_value(token.expose()).ok_or_else(|| ConfigError::Invalid {
-                key: "auth.api_token".into(),
-                problem: "the token holds characters an HTTP header cannot carry".into(),
-                fix: "copy the token again from Settings > Integrations > ZapSign API".into(),
-            })?)
+            Some(bearer_value(token.expose()).ok_or_else(crate::error::unusable_api_token)?)
         }
         _ => None,
     };

@@ -55,12 +55,6 @@ pub fn classify(err: hyper_util::client::legacy::Error) -> ProxyError {
     } else {
         UpstreamFailure::Protocol
     };
-    let mut detail = err.to_string();
-    let mut source = std::error::Error::source(&err);
-    while let Some(s) = source {
-        detail.push_str(": ");
-        detail.push_str(&s.to_string());
-        source = s.source();
-    }
+    let detail = crate::error::error_chain(&err);
     ProxyError::UpstreamUnreachable { kind, detail }
 }

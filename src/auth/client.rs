@@ -121,15 +121,7 @@ impl AuthClient {
     pub async fn login(&self, creds: &Credentials) -> Result<Issued, AuthError> {
         let url = format!("{}/api/v1/auth/token/{}/", self.base, creds.organization_id);
         let body = serde_json::json!({ "username": creds.username, "password": creds.password.expose() });
-        let resp = self
-            .http
-            .post(&url)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| self.transport(e))?;
-        let status = resp.status();
-        let text = resp.text().await.map_err(|e| self.transport(e))?;
+        let (status, text) = self.post(&url, &body).await?;
         match status {
             StatusCode::OK => {
                 let tokens = parse_tokens(&text)?;
@@ -156,15 +148,7 @@ impl AuthClient {
     pub async fn refresh(&self, refresh: &Secret) -> Result<Issued, AuthError> {
         let url = format!("{}/api/v1/auth/token-refresh/", self.base);
         let body = serde_json::json!({ "refresh": refresh.expose() });
-        let resp = self
-            .http
-            .post(&url)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| self.transport(e))?;
-        let status = resp.status();
-        let text = resp.text().await.map_err(|e| self.transport(e))?;
+        let (status, text) = self.post(&url, &body).await?;
         match status {
             StatusCode::OK => {
                 let tokens = parse_tokens(&text)?;
@@ -177,6 +161,20 @@ impl AuthClient {
             StatusCode::TOO_MANY_REQUESTS => Err(AuthError::RateLimited),
             other => Err(AuthError::Status { status: other.as_u16() }),
         }
+    }
+
+    /// POSTs `body` as JSON and reads the whole answer (auth answers are small).
+    async fn post(&self, url: &str, body: &serde_json::Value) -> Result<(StatusCode, String), AuthError> {
+        let resp = self
+            .http
+            .post(url)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| self.transport(e))?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(|e| self.transport(e))?;
+        Ok((status, text))
     }
 
     fn transport(&self, e: reqwest::Error) -> AuthError {
@@ -194,13 +192,7 @@ impl AuthClient {
             }
         } else {
             // reqwest's message names the URL (organization id, no secret) and the cause.
-            let mut detail = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                detail.push_str(": ");
-                detail.push_str(&s.to_string());
-                source = s.source();
-            }
+            let detail = crate::error::error_chain(&e);
             AuthError::Network(detail)
         }
     }
