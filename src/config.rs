@@ -123,6 +123,7 @@ struct RawAuth {
     url: Option<String>,
     refresh_margin: Option<String>,
     replay_buffer: Option<String>,
+    timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -238,6 +239,9 @@ pub struct AuthConfig {
     pub refresh_margin: Duration,
     /// Largest request body kept to replay once after an upstream 401, in bytes.
     pub replay_buffer: u64,
+    /// `auth.timeout`: one login or refresh call, start to finish; also bounds the wait for a body to replay.
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
 }
 
 /// `access.*`
@@ -598,6 +602,7 @@ fn validate_auth(raw: RawAuth, upstream: &BaseUrl, env: EnvLookup<'_>) -> Result
         url,
         refresh_margin: parse_duration("auth.refresh_margin", raw.refresh_margin, "5m")?,
         replay_buffer: parse_size("auth.replay_buffer", raw.replay_buffer.as_deref().unwrap_or("16MiB"))?,
+        timeout: parse_duration("auth.timeout", raw.timeout, "10s")?,
     })
 }
 
@@ -874,6 +879,7 @@ mod tests {
         assert_eq!(c.auth.url.text, "https://api.zapsign.com.br");
         assert_eq!(c.auth.refresh_margin, Duration::from_secs(300));
         assert_eq!(c.auth.replay_buffer, 16 << 20);
+        assert_eq!(c.auth.timeout, Duration::from_secs(10));
         assert_eq!(c.access.allow_paths, vec!["/api/".to_owned()]);
         assert_eq!(c.access.allow_networks.len(), 2);
         assert_eq!(c.log.format, LogFormat::Text);
