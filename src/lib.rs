@@ -29,6 +29,7 @@ pub mod logging;
 mod memory;
 pub mod metrics;
 pub mod mock;
+pub mod pacing;
 pub mod proxy;
 pub mod reload;
 pub mod replay;
