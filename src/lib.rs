@@ -35,6 +35,7 @@ pub mod reload;
 pub mod replay;
 pub mod secret;
 pub mod server;
+pub mod shared;
 pub mod tls;
 pub mod upstream;
 
