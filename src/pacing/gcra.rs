@@ -57,6 +57,11 @@ impl Gcra {
         Duration::from_nanos(self.interval)
     }
 
+    /// How far ahead of now the schedule may run: the burst beyond one request, in time.
+    pub fn tolerance(&self) -> Duration {
+        Duration::from_nanos(self.tolerance)
+    }
+
     /// Takes a slot at `now` (nanoseconds since the origin) if the budget allows; otherwise returns the earliest
     /// time a slot can be had.
     pub fn try_acquire(&self, now: u64) -> Result<(), u64> {

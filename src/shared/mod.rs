@@ -4,3 +4,4 @@
 //! - [`seal`]: AES-256-GCM sealing of every token stored, under `shared.key_file`.
 
 pub mod seal;
+pub mod store;

@@ -4,6 +4,7 @@
 
 pub mod h2_raw;
 pub mod raw_upstream;
+pub mod redis;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -1,0 +1,228 @@
+//! The shared store against a real redis-server: tokens sealed at rest with a TTL, generations from the Redis
+//! counter, the renewal lock with its fence, the shared pacing budget on Redis's clock, and bounded calls while
+//! Redis is away.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::redis::Redis;
+use redis::AsyncCommands;
+use zapsign_proxy::pacing::gcra::Gcra;
+use zapsign_proxy::secret::Secret;
+use zapsign_proxy::shared::seal::SealKey;
+use zapsign_proxy::shared::store::{RedisStore, StoreSettings, Unopenable};
+
+const KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+const OTHER_KEY: &str = "ff0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+const ACCESS: &str = "eyJhbGciOiJIUzI1NiJ9.access-secret-part.sig";
+const REFRESH: &str = "eyJhbGciOiJIUzI1NiJ9.refresh-secret-part.sig";
+
+fn store(redis: &Redis, key: &str) -> RedisStore {
+    RedisStore::new(StoreSettings {
+        url: redis.url(),
+        password: None,
+        ca_pem: None,
+        key: SealKey::from_hex(key).unwrap(),
+        prefix: "zapsign-proxy".into(),
+        scope: "1234".into(),
+        op_timeout: Duration::from_millis(500),
+    })
+    .unwrap()
+}
+
+async fn raw(redis: &Redis) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn tokens_are_sealed_at_rest_numbered_by_redis_and_expire() {
+    let redis = Redis::start();
+    let (a, b) = (store(&redis, KEY), store(&redis, KEY));
+    assert_eq!(a.token().await.unwrap(), Ok(None));
+
+    let fence = a.try_lock(Duration::from_secs(10)).await.unwrap().expect("free lock");
+    assert!(
+        b.try_lock(Duration::from_secs(10)).await.unwrap().is_none(),
+        "one holder at a time"
+    );
+    let exp = 4_000_000_000_000;
+    let g1 = a
+        .publish(
+            &fence,
+            &Secret::new(ACCESS),
+            Some(&Secret::new(REFRESH)),
+            exp,
+            Some(exp + 1),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap()
+        .expect("published under the lock");
+    a.unlock(&fence).await.unwrap();
+
+    // Another process reads the same token and generation.
+    let seen = b.token().await.unwrap().unwrap().unwrap();
+    assert_eq!(
+        (seen.generation, seen.access.expose(), seen.access_expires_ms),
+        (g1, ACCESS, exp)
+    );
+    assert_eq!(seen.refresh.as_ref().map(|r| r.expose()), Some(REFRESH));
+
+    // The next token, renewed by the other process, is newer everywhere.
+    let fence = b
+        .try_lock(Duration::from_secs(10))
+        .await
+        .unwrap()
+        .expect("lock released by its owner");
+    let g2 = b
+        .publish(&fence, &Secret::new("second"), None, exp, None, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(g2 > g1);
+    assert_eq!(a.token().await.unwrap().unwrap().unwrap().generation, g2);
+
+    // Nothing in Redis holds a token in the clear, and every key has a TTL.
+    let mut conn = raw(&redis).await;
+    let keys: Vec<String> = conn.keys("*").await.unwrap();
+    assert!(keys.iter().any(|k| k.ends_with(":token")), "{keys:?}");
+    for k in &keys {
+        let ttl: i64 = conn.pttl(k).await.unwrap();
+        let value: Vec<u8> = conn.get(k).await.unwrap();
+        let text = String::from_utf8_lossy(&value);
+        for secret in [ACCESS, REFRESH, "access-secret", "refresh-secret", "second"] {
+            assert!(!text.contains(secret), "{k} holds a secret in the clear");
+        }
+        if !k.ends_with(":generation") {
+            assert!(ttl > 0, "{k} has no TTL ({ttl})");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_lost_lock_stores_nothing_and_only_its_owner_releases_it() {
+    let redis = Redis::start();
+    let (a, b) = (store(&redis, KEY), store(&redis, KEY));
+    let stale = a.try_lock(Duration::from_millis(100)).await.unwrap().unwrap();
+    let mut conn = raw(&redis).await;
+    // The lock expires (its TTL ran out); wait for it by polling, then b takes it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let fence = loop {
+        if let Some(f) = b.try_lock(Duration::from_secs(10)).await.unwrap() {
+            break f;
+        }
+        assert!(Instant::now() < deadline, "the lock never expired");
+        tokio::task::yield_now().await;
+    };
+    a.unlock(&stale).await.unwrap();
+    let holder: Option<String> = conn.get("zapsign-proxy:1234:lock").await.unwrap();
+    assert!(holder.is_some(), "a stale owner must not release another's lock");
+    let published = a
+        .publish(&stale, &Secret::new("late"), None, 1, None, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(published, None);
+    assert_eq!(a.token().await.unwrap(), Ok(None));
+    b.unlock(&fence).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_token_sealed_with_another_key_counts_as_absent() {
+    let redis = Redis::start();
+    let a = store(&redis, KEY);
+    let fence = a.try_lock(Duration::from_secs(10)).await.unwrap().unwrap();
+    a.publish(&fence, &Secret::new(ACCESS), None, 1, None, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(store(&redis, OTHER_KEY).token().await.unwrap(), Err(Unopenable));
+}
+
+#[tokio::test]
+async fn the_shared_budget_holds_over_any_window_for_every_process() {
+    let redis = Redis::start();
+    let stores = [store(&redis, KEY), store(&redis, KEY), store(&redis, KEY)];
+    let (limit, period) = (20, Duration::from_millis(1000));
+    let gcra = Gcra::new(limit, period);
+    let start = Instant::now();
+    let mut grants = Vec::new();
+    let mut refused_with_wait = 0;
+    while start.elapsed() < Duration::from_millis(2500) {
+        for s in &stores {
+            match s.acquire_slot(gcra.slot(), gcra.tolerance(), period).await.unwrap() {
+                Ok(()) => grants.push(start.elapsed()),
+                Err(wait) => {
+                    assert!(wait <= period, "{wait:?}");
+                    refused_with_wait += 1;
+                }
+            }
+        }
+    }
+    assert!(refused_with_wait > 0);
+    // Grants are timed here, after Redis decided: allow a little for the round trip.
+    let slack = Duration::from_millis(5);
+    for (i, g) in grants.iter().enumerate() {
+        let within = grants[i..].iter().take_while(|h| **h - *g < period - slack).count();
+        assert!(within <= limit as usize, "{within} grants within one period from {g:?}");
+    }
+    assert!(
+        grants.len() >= 2 * (limit as usize) - 2,
+        "the budget is used: {}",
+        grants.len()
+    );
+}
+
+#[tokio::test]
+async fn a_pause_stops_every_process_and_spend_all_adds_no_burst() {
+    let redis = Redis::start();
+    let (a, b) = (store(&redis, KEY), store(&redis, KEY));
+    let gcra = Gcra::new(100, Duration::from_secs(1));
+    let period = Duration::from_secs(1);
+    a.pause(Duration::from_millis(800)).await.unwrap();
+    let wait = b
+        .acquire_slot(gcra.slot(), gcra.tolerance(), period)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        wait > Duration::from_millis(500) && wait <= Duration::from_millis(800),
+        "{wait:?}"
+    );
+
+    let redis2 = Redis::start();
+    let c = store(&redis2, KEY);
+    c.spend_all(period).await.unwrap();
+    let wait = c
+        .acquire_slot(gcra.slot(), gcra.tolerance(), period)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        wait >= period - gcra.tolerance() - Duration::from_millis(50),
+        "{wait:?}"
+    );
+}
+
+#[tokio::test]
+async fn calls_to_a_dead_redis_fail_within_the_operation_timeout() {
+    let mut redis = Redis::start();
+    let s = store(&redis, KEY);
+    s.ping().await.unwrap();
+    redis.stop();
+    for _ in 0..3 {
+        let start = Instant::now();
+        assert!(s.ping().await.is_err());
+        assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    }
+    redis.start_again();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.ping().await.is_err() {
+        assert!(Instant::now() < deadline, "no reconnection within 5 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
