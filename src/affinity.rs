@@ -14,12 +14,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use http::{Request, Response, Uri};
+use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::client::legacy::connect::Connection;
 use tower_service::Service;
 
+use crate::headers::{fit_to_upstream_version, unframed_body};
 use crate::replay::ForwardBody;
 use crate::upstream::Connector;
 
@@ -47,11 +48,12 @@ pub(crate) struct Affinity {
 }
 
 impl Affinity {
-    /// Sends `req` (absolute-form URI) on this caller's upstream connection, opening one if needed.
+    /// Sends `req` (absolute-form URI) on this caller's upstream connection, opening one if needed, with
+    /// `host` (the upstream's) as its `Host`: the connection is HTTP/1.1.
     pub(crate) async fn send(
         &self,
         connector: &Connector,
-        h2_upstream: &AtomicBool,
+        host: &HeaderValue,
         mut req: Request<ForwardBody>,
     ) -> Result<Response<Incoming>, Miss> {
         let cached = self.sender.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -59,7 +61,7 @@ impl Affinity {
             Some(s) => s,
             // Boxed: opening (connect and handshake) happens once per connection, and inline it would make
             // every request's future several KiB larger, all of it copied on each request.
-            None => match Box::pin(self.open(connector, req.uri().clone(), h2_upstream)).await? {
+            None => match Box::pin(self.open(connector, req.uri().clone())).await? {
                 Some(s) => s,
                 None => return Err(Miss::Unsent(Box::new(req))),
             },
@@ -67,6 +69,10 @@ impl Affinity {
         if std::future::poll_fn(|cx| sender.poll_ready(cx)).await.is_err() {
             return Err(Miss::Unsent(Box::new(req)));
         }
+        // This connection is HTTP/1.1: the upstream's Host, and chunked framing for a GET body of unknown length.
+        // A request handed back unsent is fitted again for the pool's connection.
+        let unframed = unframed_body(req.method(), req.body());
+        fit_to_upstream_version(req.headers_mut(), Version::HTTP_11, Some(host), unframed);
         // hyper's connection-level client writes the target as given: send it in origin form, and keep the
         // absolute form for the pool in case the request comes back unsent.
         let absolute = req.uri().clone();
@@ -88,16 +94,11 @@ impl Affinity {
         }
     }
 
-    /// Opens an upstream connection; `None` when the upstream speaks HTTP/2 (the pool multiplexes that better).
-    async fn open(
-        &self,
-        connector: &Connector,
-        uri: Uri,
-        h2_upstream: &AtomicBool,
-    ) -> Result<Option<http1::SendRequest<ForwardBody>>, Miss> {
+    /// Opens an upstream connection; `None` when the upstream speaks HTTP/2 (the pool multiplexes that better;
+    /// the connector has noted it, so later requests go to the pool at once).
+    async fn open(&self, connector: &Connector, uri: Uri) -> Result<Option<http1::SendRequest<ForwardBody>>, Miss> {
         let io = connector.clone().call(uri).await.map_err(Miss::Connect)?;
         if io.connected().is_negotiated_h2() {
-            h2_upstream.store(true, Ordering::Relaxed);
             return Ok(None);
         }
         let (sender, conn) = http1::handshake(io).await.map_err(Miss::Failed)?;

@@ -1,5 +1,6 @@
 //! Header and query rules, as pure functions with a test per rule: hop-by-hop removal, forwarding headers,
-//! the request id, the injected Authorization, and the removal of the legacy `api_token` query parameter.
+//! the request id, the injected Authorization, the removal of the legacy `api_token` query parameter, and what
+//! depends on the upstream connection's HTTP version (`Host`, chunked framing).
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -7,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Version};
 
 /// `X-Forwarded-For`
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -127,6 +129,45 @@ fn format_ip(ip: IpAddr, buf: &mut [u8; 64]) -> &str {
     let _ = write!(cursor, "{ip}");
     let len = cursor.position() as usize;
     std::str::from_utf8(&buf[..len]).unwrap_or("unknown")
+}
+
+/// Fits a request's headers to the HTTP version of the upstream connection it goes out on. Run where that
+/// version is known: on the affine connection (HTTP/1.1) or just before the pooled client.
+///
+/// - HTTP/2 (and 3) carry the authority only as `:authority`, which the client takes from the request URI (the
+///   upstream's). RFC 9113 §8.3.1 tolerates a `host` that agrees with it, but nginx before 1.25 answers 400
+///   "client sent duplicate host header", so `host` is removed. `Transfer-Encoding` is connection-specific and
+///   forbidden there (RFC 9113 §8.2.2): HTTP/2 frames bodies itself.
+/// - HTTP/1.1 requires `Host` (RFC 9112 §3.2): `host` when given (the upstream's). With `None` the header is
+///   removed so the pooled client writes the upstream's from the URI on an HTTP/1.1 connection (and nothing on
+///   an HTTP/2 one); a caller's own `Host` never goes through either way. When `unframed_body` (see
+///   [`unframed_body`]) and no `Content-Length` is set, `Transfer-Encoding: chunked` is added: hyper sends a GET
+///   or HEAD of unknown body length with no body at all unless told (RFC 9112 §6.1).
+pub fn fit_to_upstream_version(
+    headers: &mut HeaderMap,
+    version: Version,
+    host: Option<&HeaderValue>,
+    unframed_body: bool,
+) {
+    if matches!(version, Version::HTTP_2 | Version::HTTP_3) {
+        headers.remove(header::HOST);
+        headers.remove(header::TRANSFER_ENCODING);
+        return;
+    }
+    match host {
+        Some(host) => headers.insert(header::HOST, host.clone()),
+        None => headers.remove(header::HOST),
+    };
+    if unframed_body && !headers.contains_key(header::CONTENT_LENGTH) {
+        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+    }
+}
+
+/// Whether a GET or HEAD carries a body nobody gave a length for (chunked from an HTTP/1.1 caller, or HTTP/2
+/// DATA without `content-length`). Rare, but the caller sent it: over HTTP/1.1 it needs chunked framing said
+/// out loud (see [`fit_to_upstream_version`]). Other methods get chunked framing from hyper unasked.
+pub fn unframed_body<B: http_body::Body>(method: &Method, body: &B) -> bool {
+    (method == Method::GET || method == Method::HEAD) && !body.is_end_stream() && body.size_hint().exact().is_none()
 }
 
 /// Replaces whatever `Authorization` the caller sent with the proxy's token header.
@@ -352,6 +393,88 @@ mod tests {
         let a = ensure_request_id(&mut h);
         let b = ensure_request_id(&mut HeaderMap::new());
         assert_ne!(a, b);
+    }
+
+    const UPSTREAM: HeaderValue = HeaderValue::from_static("api.zapsign.com.br");
+
+    #[test]
+    fn http2_carries_the_authority_only_as_authority() {
+        // Whatever reached this point (the caller's Host, a chunked marker from an earlier attempt): gone.
+        let mut h = map(&[
+            ("host", "caller.example"),
+            ("transfer-encoding", "chunked"),
+            ("x-kept", "1"),
+        ]);
+        fit_to_upstream_version(&mut h, Version::HTTP_2, Some(&UPSTREAM), true);
+        assert!(!h.contains_key("host"), "{h:?}");
+        assert!(!h.contains_key("transfer-encoding"), "{h:?}");
+        assert_eq!(h["x-kept"], "1");
+        let mut h = HeaderMap::new();
+        fit_to_upstream_version(&mut h, Version::HTTP_2, None, true);
+        assert!(h.is_empty(), "{h:?}");
+    }
+
+    #[test]
+    fn http1_gets_the_upstreams_host_replacing_the_callers() {
+        let mut h = map(&[("host", "caller.example"), ("host", "second.example")]);
+        fit_to_upstream_version(&mut h, Version::HTTP_11, Some(&UPSTREAM), false);
+        assert_eq!(h.get_all("host").iter().collect::<Vec<_>>(), [UPSTREAM]);
+        assert!(!h.contains_key("transfer-encoding"));
+    }
+
+    #[test]
+    fn http1_without_a_host_leaves_it_to_the_client() {
+        let mut h = map(&[("host", "caller.example")]);
+        fit_to_upstream_version(&mut h, Version::HTTP_11, None, false);
+        assert!(
+            !h.contains_key("host"),
+            "the caller's Host must not reach the pool: {h:?}"
+        );
+    }
+
+    #[test]
+    fn http1_marks_an_unframed_body_chunked_unless_its_length_is_known() {
+        let mut h = HeaderMap::new();
+        fit_to_upstream_version(&mut h, Version::HTTP_11, Some(&UPSTREAM), true);
+        assert_eq!(h["transfer-encoding"], "chunked");
+        let mut h = map(&[("content-length", "5")]);
+        fit_to_upstream_version(&mut h, Version::HTTP_11, None, true);
+        assert!(!h.contains_key("transfer-encoding"), "{h:?}");
+        // Applied twice (a request handed back by the affine connection goes to the pool): still one marker.
+        let mut h = HeaderMap::new();
+        fit_to_upstream_version(&mut h, Version::HTTP_11, Some(&UPSTREAM), true);
+        fit_to_upstream_version(&mut h, Version::HTTP_11, None, true);
+        assert_eq!(h.get_all("transfer-encoding").iter().count(), 1);
+        assert!(!h.contains_key("host"));
+    }
+
+    /// A body that has not ended and says nothing of its length.
+    struct Unsized;
+
+    impl http_body::Body for Unsized {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+            std::task::Poll::Ready(None)
+        }
+    }
+
+    #[test]
+    fn unframed_body_is_a_get_or_head_body_of_unknown_length() {
+        use http_body_util::{Empty, Full};
+        assert!(unframed_body(&Method::GET, &Unsized));
+        assert!(unframed_body(&Method::HEAD, &Unsized));
+        // hyper frames other methods' bodies itself.
+        assert!(!unframed_body(&Method::POST, &Unsized));
+        assert!(!unframed_body(
+            &Method::GET,
+            &Full::new(bytes::Bytes::from_static(b"known"))
+        ));
+        assert!(!unframed_body(&Method::GET, &Empty::<bytes::Bytes>::new()));
     }
 
     #[test]

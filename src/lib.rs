@@ -127,7 +127,6 @@ pub async fn run_with_reloads(
         response_timeout: config.upstream.response_timeout,
         client: upstream::build_client(connector.clone()),
         connector,
-        h2_upstream: std::sync::atomic::AtomicBool::new(false),
         holder: holder.clone(),
         renewer,
         replay_limit: config.auth.replay_buffer,

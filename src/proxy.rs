@@ -3,7 +3,6 @@
 //! mode, renews the token and replays the request once when the upstream answers 401.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +25,8 @@ use crate::config::{AccessConfig, BaseUrl};
 use crate::error::UpstreamFailure;
 use crate::error::{error_chain, ProxyError};
 use crate::headers::{
-    ensure_request_id, remove_hop_by_hop, set_authorization, set_forwarding_for, strip_api_token, X_REQUEST_ID,
+    ensure_request_id, fit_to_upstream_version, remove_hop_by_hop, set_authorization, set_forwarding_for,
+    strip_api_token, unframed_body, X_REQUEST_ID,
 };
 use crate::metrics::Metrics;
 use crate::replay::{ForwardBody, ReplayBudget, Returned};
@@ -43,10 +43,9 @@ pub struct Proxy {
     pub(crate) response_timeout: Duration,
     /// The pooled upstream client.
     pub(crate) client: UpstreamClient<ForwardBody>,
-    /// Opens affine upstream connections.
+    /// Opens affine upstream connections; knows whether the upstream negotiated HTTP/2 (then affinity is
+    /// pointless: the pool multiplexes).
     pub(crate) connector: Connector,
-    /// The upstream negotiated HTTP/2: affinity is pointless, the pool multiplexes.
-    pub(crate) h2_upstream: AtomicBool,
     /// The current token.
     pub(crate) holder: Arc<TokenHolder>,
     /// JWT mode: renews tokens; `None` in static mode, where a 401 passes through.
@@ -188,11 +187,12 @@ impl Proxy {
         // Written again after the hop-by-hop removal: `Connection: x-request-id` must not strip our id.
         parts.headers.insert(X_REQUEST_ID.clone(), request_id.clone());
         set_authorization(&mut parts.headers, &token.header);
-        parts.headers.insert(HOST, self.upstream.host_header.clone());
+        // The caller's Host never chooses or reaches anything upstream. The upstream's goes on in `exchange`,
+        // once the connection's HTTP version is known: as `Host` over HTTP/1.1, only as `:authority` over HTTP/2.
+        parts.headers.remove(HOST);
         set_forwarding_for(&mut parts.headers, &conn.client_value, conn.proto, caller_host);
         parts.uri = self.upstream_uri(path_and_query)?;
         parts.version = Version::HTTP_11;
-        keep_unknown_length_body(&mut parts, &body);
         let Some(renewer) = &self.renewer else {
             return self
                 .send(Request::from_parts(parts, ForwardBody::Plain(body)), outcome)
@@ -304,9 +304,9 @@ impl Proxy {
         req: Request<ForwardBody>,
         affinity: Option<&Affinity>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let req = match affinity {
-            Some(affinity) if !self.h2_upstream.load(Ordering::Relaxed) => {
-                match affinity.send(&self.connector, &self.h2_upstream, req).await {
+        let mut req = match affinity {
+            Some(affinity) if !self.connector.negotiated_h2() => {
+                match affinity.send(&self.connector, &self.upstream.host_header, req).await {
                     Ok(resp) => return Ok(resp),
                     Err(Miss::Unsent(req)) => *req,
                     Err(Miss::Failed(e)) if caller_body_failed(&e) => return Err(CALLER_BODY_FAILED),
@@ -326,6 +326,10 @@ impl Proxy {
             }
             _ => req,
         };
+        // The pool picks the connection (and so the HTTP version) inside `request`: it writes the upstream's
+        // Host itself on HTTP/1.1, so none goes in here; the chunked marker follows the upstream's ALPN choice.
+        let unframed = unframed_body(req.method(), req.body());
+        fit_to_upstream_version(req.headers_mut(), self.connector.pool_version(), None, unframed);
         self.client.request(req).await.map_err(|e| {
             if caller_body_failed(&e) {
                 CALLER_BODY_FAILED
@@ -430,23 +434,6 @@ impl Proxy {
             .path_and_query(path_and_query)
             .build()
             .map_err(|_| ProxyError::BadRequest("the request target is malformed"))
-    }
-}
-
-/// hyper sends a GET or HEAD whose body length is unknown (chunked from the caller, or HTTP/2 DATA without
-/// `content-length`) with no body at all. Such a body is rare but the caller sent it: ask for chunked framing
-/// explicitly so it reaches the upstream whole. (hyper drops the header again towards HTTP/2 upstreams, where
-/// framing needs no header.)
-fn keep_unknown_length_body(parts: &mut Parts, body: &Incoming) {
-    use http_body::Body;
-    if (parts.method == Method::GET || parts.method == Method::HEAD)
-        && !body.is_end_stream()
-        && body.size_hint().exact().is_none()
-        && !parts.headers.contains_key(http::header::CONTENT_LENGTH)
-    {
-        parts
-            .headers
-            .insert(http::header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
     }
 }
 

@@ -1,12 +1,20 @@
 //! The client towards ZapSign: a hyper-util pooled client over rustls (HTTP/2 by ALPN when the upstream offers
-//! it, HTTP/1.1 otherwise), with `upstream.connect_timeout` on the TCP connect and TCP_NODELAY.
+//! it, HTTP/1.1 otherwise), with `upstream.connect_timeout` on the TCP connect and TCP_NODELAY. The connector
+//! remembers which HTTP version the upstream chose, for the header rules that depend on it.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::connect::HttpConnector;
+use http::{Uri, Version};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
+use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tower_service::Service;
 
 use crate::config::UpstreamConfig;
 use crate::error::{ProxyError, UpstreamFailure};
@@ -14,8 +22,58 @@ use crate::error::{ProxyError, UpstreamFailure};
 /// The pooled client, generic over the request body type.
 pub type UpstreamClient<B> = Client<Connector, B>;
 
-/// Opens upstream connections: TCP with `upstream.connect_timeout` and TCP_NODELAY, then TLS for `https`.
-pub type Connector = HttpsConnector<HttpConnector>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An upstream connection: TCP, with TLS for `https`.
+pub type UpstreamIo = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
+
+/// Opens upstream connections: TCP with `upstream.connect_timeout` and TCP_NODELAY, then TLS for `https`; and
+/// notes whether the upstream negotiated HTTP/2 by ALPN.
+#[derive(Clone)]
+pub struct Connector {
+    inner: HttpsConnector<HttpConnector>,
+    /// The latest connection negotiated HTTP/2. Written once per connection, read per request.
+    h2: Arc<AtomicBool>,
+}
+
+impl Connector {
+    /// Whether the upstream answers in HTTP/2: its latest connection negotiated `h2` by ALPN. The pooled client
+    /// picks a connection only inside `request`, after the headers are written; an upstream keeps its ALPN
+    /// choice, so its latest connection is what the next one will be. `false` before the first connection.
+    pub fn negotiated_h2(&self) -> bool {
+        self.h2.load(Ordering::Relaxed)
+    }
+
+    /// The HTTP version a request on the pool will most likely go out in (see [`Connector::negotiated_h2`]).
+    pub fn pool_version(&self) -> Version {
+        if self.negotiated_h2() {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        }
+    }
+}
+
+impl Service<Uri> for Connector {
+    type Response = UpstreamIo;
+    type Error = BoxError;
+    // Boxed like hyper-rustls's own future: one allocation per new connection, none per request.
+    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let h2 = self.h2.clone();
+        Box::pin(async move {
+            let io = connecting.await?;
+            h2.store(io.connected().is_negotiated_h2(), Ordering::Relaxed);
+            Ok(io)
+        })
+    }
+}
 
 /// Builds the pooled client for `cfg` on `connector`.
 pub fn build_client<B>(connector: Connector) -> UpstreamClient<B>
@@ -24,6 +82,10 @@ where
     B::Data: Send,
 {
     Client::builder(TokioExecutor::new())
+        // The default, said out loud because the proxy relies on it: on an HTTP/1.1 connection the client
+        // writes `Host` from the URI's authority (the upstream's) when the request has none; on HTTP/2 it adds
+        // none and the authority goes as `:authority` only. See `headers::fit_to_upstream_version`.
+        .set_host(true)
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(60))
@@ -39,12 +101,16 @@ pub fn build_connector(cfg: &UpstreamConfig, tls: rustls::ClientConfig) -> Conne
     http.set_nodelay(true);
     http.set_connect_timeout(Some(cfg.connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
-    HttpsConnectorBuilder::new()
+    let inner = HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http)
+        .wrap_connector(http);
+    Connector {
+        inner,
+        h2: Arc::new(AtomicBool::new(false)),
+    }
 }
 
 /// Maps a client error to the proxy's 502, with the cause chain as detail (it holds no secret: no request

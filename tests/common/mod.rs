@@ -1,8 +1,10 @@
 //! Shared test harness: a mock ZapSign and the proxy in-process on 127.0.0.1:0, a one-shot HTTP client, the
-//! proxy binary as a subprocess, and a listener that counts connections (for "no other host receives").
+//! proxy binary as a subprocess, a listener that counts connections (for "no other host receives"), and a
+//! real nginx as an upstream ([`nginx`]).
 #![allow(dead_code)]
 
 pub mod h2_raw;
+pub mod nginx;
 pub mod raw_upstream;
 pub mod redis;
 
