@@ -10,7 +10,7 @@
 //! - [`affinity`]: each caller HTTP/1.1 connection drives its own upstream connection in the same task.
 //! - [`upstream`]: the pooled hyper client over rustls towards ZapSign; [`tls`] builds its trust roots.
 //! - [`auth`]: the lock-free token holder and (JWT mode) the login/refresh machinery.
-//! - [`reload`]: applies a re-read configuration (SIGHUP) to the running proxy.
+//! - [`reload`]: re-reads the configuration on SIGHUP or when a secret file changes, and applies it live.
 //! - [`replay`]: the bounded buffer that lets a request be sent again after an upstream 401.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on their own listener; [`metrics`] holds the counters.
 //! - [`error`]: the proxy's own error answers; [`secret`]: the redacting secret type.
@@ -58,15 +58,16 @@ use crate::replay::ReplayBudget;
 /// Why the proxy could not start or keep running.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// A listener could not be bound.
-    #[error("cannot listen on {addr} (`{key}`): {source}; pick a free port or stop what holds it")]
+    /// A listener could not be bound. The OS error is part of the message and deliberately not the error's
+    /// `source`: `main` prints the whole chain, and the reason would be printed twice.
+    #[error("cannot listen on {addr} (`{key}`): {reason}; pick a free port or stop what holds it")]
     Bind {
         /// The config key of the address.
         key: &'static str,
         /// The address.
         addr: SocketAddr,
         /// Why.
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     /// The configuration is unusable at start (e.g. a CA file that holds no certificate).
     #[error(transparent)]
@@ -88,7 +89,7 @@ impl Listeners {
         let bind = |key: &'static str, addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
-                .map_err(|source| RunError::Bind { key, addr, source })
+                .map_err(|reason| RunError::Bind { key, addr, reason })
         };
         let proxy = bind("server.listen", config.server.listen).await?;
         let admin = match config.admin.listen {

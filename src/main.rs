@@ -3,7 +3,7 @@
 //! failure, 2 bad command line or config.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use zapsign_proxy::config::{process_env, Config, ConfigError};
 use zapsign_proxy::mock::{self, MockConfig, MockZapSign};
-use zapsign_proxy::{logging, Listeners};
+use zapsign_proxy::{logging, reload, Listeners};
 
 /// A reverse proxy in front of the ZapSign API that holds the credentials and injects a valid Bearer token.
 #[derive(Debug, Parser)]
@@ -36,6 +36,7 @@ enum Command {
         listen: SocketAddr,
     },
     /// Run the proxy and the bundled mock in one process, with demo credentials, and print a curl line to try.
+    /// With --config, the file's settings apply; its own credentials or `upstream.url` replace the demo's.
     Demo,
 }
 
@@ -43,17 +44,25 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::MockUpstream { listen }) => exit(run_mock(listen)),
-        Some(Command::Demo) => match demo_config(&cli) {
-            Ok(config) => exit(run_proxy(config, true, None)),
+        Some(Command::Demo) => match demo_config(cli.config.as_deref()) {
+            Ok((config, mock)) => exit(run_proxy(config, Mode::Demo { mock })),
             Err(e) => config_failure(&e),
         },
         None => match Config::load(cli.config.as_deref(), &process_env).and_then(|c| check_tls(c, &cli)) {
             Err(e) => config_failure(&e),
             Ok(config) if cli.check_config => {
+                if let Some(why) = &config.log.rust_log_refused {
+                    eprintln!("zapsign-proxy: {why}");
+                }
                 print!("{}", config.to_redacted_toml());
                 ExitCode::SUCCESS
             }
-            Ok(config) => exit(run_proxy(config, false, cli.config.clone())),
+            Ok(config) => exit(run_proxy(
+                config,
+                Mode::Proxy {
+                    reload_from: cli.config.clone(),
+                },
+            )),
         },
     }
 }
@@ -81,24 +90,73 @@ fn exit(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-/// The demo: defaults and environment as usual, but JWT mode with the mock's demo credentials. Real
-/// credentials in the environment are ignored: the demo never talks to ZapSign.
-fn demo_config(cli: &Cli) -> Result<Config, ConfigError> {
-    let text = format!(
-        "[auth]\norganization_id = \"{}\"\nusername = \"{}\"\npassword = \"{}\"\n",
-        mock::DEMO_ORGANIZATION_ID,
-        mock::DEMO_USERNAME,
-        mock::DEMO_PASSWORD
-    );
-    let mut config = match &cli.config {
-        Some(_) => Config::load(cli.config.as_deref(), &process_env)?,
-        None => Config::from_toml(&text, &|name| match name {
-            "ZAPSIGN_API_TOKEN" | "ZAPSIGN_PASSWORD" | "ZAPSIGN_USERNAME" | "ZAPSIGN_ORGANIZATION_ID" => None,
-            other => process_env(other),
-        })?,
+/// `[auth]` keys that make a config file bring its own credentials to the demo.
+const CREDENTIAL_KEYS: [&str; 7] = [
+    "mode",
+    "organization_id",
+    "username",
+    "password",
+    "password_file",
+    "api_token",
+    "api_token_file",
+];
+
+/// The demo's configuration, and whether the bundled mock stands in for ZapSign. Defaults, the file (with
+/// `--config`) and the environment apply as usual, except that the demo brings the mock's credentials unless the
+/// file names its own (any of [`CREDENTIAL_KEYS`]), and the mock unless the file sets `upstream.url`. Without the
+/// file's own credentials, real credentials in the environment are ignored: the demo never sends them anywhere.
+fn demo_config(path: Option<&Path>) -> Result<(Config, bool), ConfigError> {
+    let mut file = toml::Table::new();
+    if let Some(path) = path {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_owned(),
+            source,
+        })?;
+        file = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+    }
+    let section_has = |section: &str, keys: &[&str]| {
+        file.get(section)
+            .and_then(toml::Value::as_table)
+            .is_some_and(|table| keys.iter().any(|key| table.contains_key(*key)))
     };
+    let own_credentials = section_has("auth", &CREDENTIAL_KEYS);
+    let mock = !section_has("upstream", &["url"]);
+    if !own_credentials {
+        if let Some(auth) = file
+            .entry("auth")
+            .or_insert_with(|| toml::Table::new().into())
+            .as_table_mut()
+        {
+            auth.insert("organization_id".into(), mock::DEMO_ORGANIZATION_ID.into());
+            auth.insert("username".into(), mock::DEMO_USERNAME.into());
+            auth.insert("password".into(), mock::DEMO_PASSWORD.into());
+        }
+    }
+    let env = |name: &str| match name {
+        "ZAPSIGN_API_TOKEN" | "ZAPSIGN_PASSWORD" | "ZAPSIGN_USERNAME" | "ZAPSIGN_ORGANIZATION_ID"
+            if !own_credentials =>
+        {
+            None
+        }
+        "ZAPSIGN_PROXY_UPSTREAM_URL" if mock => None,
+        other => process_env(other),
+    };
+    let origin = path.unwrap_or(Path::new("<demo>"));
+    let mut config = Config::from_toml_of(&file.to_string(), origin, &env)?;
     config.server.workers = config.server.workers.min(2);
-    Ok(config)
+    Ok((config, mock))
+}
+
+/// What `run_proxy` runs.
+enum Mode {
+    /// The proxy; SIGHUP and changed secret files reload `reload_from` (or, without a file, the environment).
+    Proxy { reload_from: Option<PathBuf> },
+    /// The demo, whose configuration is partly made up in code, so it is not reloaded; with the bundled mock
+    /// as the upstream when `mock`.
+    Demo { mock: bool },
 }
 
 /// One worker: a current-thread runtime, whose tasks never migrate and whose wake-ups never cross threads
@@ -114,12 +172,11 @@ fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     builder.enable_all().build().context("cannot start the async runtime")
 }
 
-/// Runs the proxy; on SIGHUP it re-reads `reload_from` (or, without a file, the environment). The demo, whose
-/// configuration is made up in code, ignores SIGHUP.
-fn run_proxy(mut config: Config, demo: bool, reload_from: Option<PathBuf>) -> anyhow::Result<()> {
+/// Runs the proxy (see [`Mode`]).
+fn run_proxy(mut config: Config, mode: Mode) -> anyhow::Result<()> {
     logging::init(&config.log);
     runtime(config.server.workers)?.block_on(async move {
-        let _mock = if demo {
+        let _mock = if let Mode::Demo { mock: true } = mode {
             // Ten-minute access tokens, so a newcomer watching the log sees refreshes happen.
             let mock_cfg = MockConfig {
                 access_ttl: std::time::Duration::from_secs(600),
@@ -128,22 +185,28 @@ fn run_proxy(mut config: Config, demo: bool, reload_from: Option<PathBuf>) -> an
             let mock = MockZapSign::start(mock_cfg)
                 .await
                 .context("cannot start the demo mock")?;
-            config.upstream.url = zapsign_proxy::config::BaseUrl::parse("upstream.url", &mock.url())?;
-            config.auth.url = config.upstream.url.clone();
+            let url = zapsign_proxy::config::BaseUrl::parse("upstream.url", &mock.url())?;
+            if config.auth.url.text == config.upstream.url.text {
+                config.auth.url = url.clone();
+            }
+            config.upstream.url = url;
             Some(mock)
         } else {
             None
         };
         let listeners = Listeners::bind(&config).await?;
-        if demo {
-            print_demo_help(&listeners)?;
-        }
-        let reloads = if demo {
-            None
-        } else {
-            let (tx, rx) = tokio::sync::mpsc::channel(4);
-            tokio::spawn(reload_on_sighup(reload_from, tx));
-            Some(rx)
+        let reloads = match mode {
+            Mode::Demo { .. } => {
+                print_demo_help(&listeners)?;
+                None
+            }
+            Mode::Proxy { reload_from } => {
+                let (tx, rx) = tokio::sync::mpsc::channel(4);
+                let load = move || Config::load(reload_from.as_deref(), &process_env);
+                let files = reload::secret_files(&config);
+                tokio::spawn(reload::reload_on_change(load, files, reload::SECRET_POLL, tx));
+                Some(rx)
+            }
         };
         zapsign_proxy::run_with_reloads(config, listeners, shutdown_signal(), reloads).await?;
         Ok(())
@@ -176,10 +239,7 @@ fn print_demo_help(listeners: &Listeners) -> anyhow::Result<()> {
 
 fn run_mock(listen: SocketAddr) -> anyhow::Result<()> {
     use std::io::Write;
-    logging::init(&zapsign_proxy::config::LogConfig {
-        format: zapsign_proxy::config::LogFormat::Text,
-        level: "info".into(),
-    });
+    logging::init(&zapsign_proxy::config::LogConfig::defaults(&process_env));
     runtime(1)?.block_on(async move {
         let listener = TcpListener::bind(listen)
             .await
@@ -198,27 +258,6 @@ fn run_mock(listen: SocketAddr) -> anyhow::Result<()> {
         drop(mock);
         Ok(())
     })
-}
-
-/// On each SIGHUP, re-reads the configuration (and the secret files it names) and hands it to the proxy. A
-/// configuration that does not validate is logged and dropped: the running one stays.
-async fn reload_on_sighup(path: Option<PathBuf>, tx: tokio::sync::mpsc::Sender<Config>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP; configuration reload is unavailable");
-        return;
-    };
-    while hangups.recv().await.is_some() {
-        tracing::info!("SIGHUP: re-reading the configuration");
-        match Config::load(path.as_deref(), &process_env) {
-            Ok(config) => {
-                if tx.send(config).await.is_err() {
-                    return;
-                }
-            }
-            Err(e) => tracing::error!("reload rejected, the running configuration stays: {e}"),
-        }
-    }
 }
 
 /// Completes on SIGTERM or SIGINT.

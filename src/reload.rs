@@ -1,11 +1,19 @@
-//! Configuration reload (SIGHUP): the new configuration, already validated and with its secret files re-read,
-//! is applied to the running proxy without a restart. What can change live: the access rules and client keys,
-//! the login credentials (a fresh login follows), the static API token, and the TLS certificate. A new TLS
-//! identity that does not load rejects the whole reload; keys that need a restart are named in a warning.
+//! Configuration reload: the new configuration, already validated and with its secret files re-read, is applied
+//! to the running proxy without a restart. What can change live: the access rules and client keys, the login
+//! credentials (a fresh login follows), the static API token, and the TLS certificate. A new TLS identity that
+//! does not load rejects the whole reload; keys that need a restart are named in a warning.
+//!
+//! Two things trigger a reload, and both take the one path ([`reload_on_change`] loads, [`apply_all`] applies):
+//! SIGHUP, and a secret file whose content changed on disk. The second exists for Kubernetes: a Secret volume
+//! is updated in place (a new timestamped directory, then a `..data` symlink renamed over the old one) and the
+//! distroless image has no shell to send a signal from.
 
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tracing::{error, info, warn};
@@ -128,9 +136,156 @@ fn needs_restart(a: &Config, b: &Config) -> Vec<&'static str> {
     check("auth.url", a.auth.url.text != b.auth.url.text);
     check("auth.refresh_margin", a.auth.refresh_margin != b.auth.refresh_margin);
     check("auth.replay_buffer", a.auth.replay_buffer != b.auth.replay_buffer);
+    check("auth.timeout", a.auth.timeout != b.auth.timeout);
     check("log.format", a.log.format != b.log.format);
     check("log.level", a.log.level != b.log.level);
     keys
+}
+
+/// How often the secret files are compared with what was last loaded. The contract allows 10 s from a change
+/// on disk to its use; reading a few small files every 2 s costs nothing worth measuring.
+pub const SECRET_POLL: Duration = Duration::from_secs(2);
+
+/// The secret files `config` names that are re-read when they change on disk (CONTRACT.md, Signals).
+/// `upstream.ca_file` is not one: a new CA needs a restart, and `shared.*` does not exist yet.
+pub fn secret_files(config: &Config) -> Vec<PathBuf> {
+    [
+        &config.auth.password_file,
+        &config.auth.api_token_file,
+        &config.access.client_keys_file,
+        &config.server.tls_cert_file,
+        &config.server.tls_key_file,
+    ]
+    .into_iter()
+    .flatten()
+    .cloned()
+    .collect()
+}
+
+/// What each watched file holds: a digest of its content, `None` while it cannot be read. The content and not
+/// the modification time: in a Kubernetes Secret volume the path the config names is a symlink
+/// (`password -> ..data/password`) whose own times never change when `..data` is swapped to a new directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Snapshot(Vec<(PathBuf, Option<[u8; 32]>)>);
+
+impl Snapshot {
+    /// Reads every file now (blocking: call it off the runtime's threads).
+    fn take(files: Vec<PathBuf>) -> Self {
+        Self(
+            files
+                .into_iter()
+                .map(|path| {
+                    let digest = std::fs::read(&path).ok().map(|bytes| Sha256::digest(bytes).into());
+                    (path, digest)
+                })
+                .collect(),
+        )
+    }
+
+    fn files(&self) -> Vec<PathBuf> {
+        self.0.iter().map(|(path, _)| path.clone()).collect()
+    }
+
+    /// The files whose content differs from `earlier`.
+    fn changed_since(&self, earlier: &Snapshot) -> Vec<&PathBuf> {
+        self.0
+            .iter()
+            .filter(|entry| !earlier.0.contains(entry))
+            .map(|(path, _)| path)
+            .collect()
+    }
+}
+
+/// Runs `f` on the blocking pool: file reads must not stall a current-thread runtime serving callers.
+async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    tokio::task::spawn_blocking(f).await.ok()
+}
+
+/// Waits for the next SIGHUP; forever when none can be received.
+async fn hangup(signals: &mut Option<tokio::signal::unix::Signal>) {
+    if let Some(signals) = signals {
+        if signals.recv().await.is_some() {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
+/// Loads the configuration again with `load` (the config file and the environment, as at start) on each SIGHUP
+/// and whenever one of the secret files changes on disk (checked every `every`), and sends it to
+/// [`apply_all`]. `files` are the secret files of the running configuration; after each reload the new
+/// configuration's are watched. A configuration that does not load (an empty or unreadable secret file, a
+/// broken config file) is logged and dropped, and the running one stays; a broken file is not retried until it
+/// changes again. Ends when the proxy stops listening on `tx`.
+pub async fn reload_on_change<L>(load: L, files: Vec<PathBuf>, every: Duration, tx: mpsc::Sender<Config>)
+where
+    L: Fn() -> Result<Config, ConfigError> + Send + Sync + 'static,
+{
+    use tokio::signal::unix::{signal, SignalKind};
+    let load = Arc::new(load);
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(signals) => Some(signals),
+        Err(e) => {
+            warn!("cannot listen for SIGHUP ({e}); secret files are still re-read when they change");
+            None
+        }
+    };
+    let Some(mut seen) = off_runtime(move || Snapshot::take(files)).await else {
+        return;
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        let signalled = tokio::select! {
+            () = hangup(&mut hangups) => true,
+            _ = tick.tick() => false,
+            () = tx.closed() => return,
+        };
+        let files = seen.files();
+        let Some(now) = off_runtime(move || Snapshot::take(files)).await else {
+            continue;
+        };
+        if signalled {
+            info!("SIGHUP: re-reading the configuration");
+        } else {
+            let changed = now.changed_since(&seen);
+            if changed.is_empty() {
+                continue;
+            }
+            for file in changed {
+                info!(file = %file.display(), "secret file changed on disk; re-reading the configuration");
+            }
+        }
+        // What was just read is what the reload below reads: a file that changes again meanwhile differs from
+        // this snapshot at the next tick and is loaded then.
+        seen = now;
+        let load = load.clone();
+        match off_runtime(move || load()).await {
+            Some(Ok(config)) => {
+                let files = secret_files(&config);
+                if files != seen.files() {
+                    let known = seen.clone();
+                    seen = off_runtime(move || {
+                        let mut fresh = Snapshot::take(files);
+                        for entry in &mut fresh.0 {
+                            if let Some(old) = known.0.iter().find(|(path, _)| *path == entry.0) {
+                                entry.1 = old.1;
+                            }
+                        }
+                        fresh
+                    })
+                    .await
+                    .unwrap_or(seen);
+                }
+                if tx.send(config).await.is_err() {
+                    return;
+                }
+            }
+            Some(Err(e)) => error!("reload rejected, the running configuration stays: {e}"),
+            None => error!("reload rejected, the running configuration stays: loading it failed"),
+        }
+    }
 }
 
 /// A cell for the caller-facing TLS identity, when `server.tls_*` is set.
@@ -141,5 +296,39 @@ pub(crate) fn tls_cell(config: &Config) -> Result<TlsCell, ConfigError> {
             Ok(Some(Arc::new(ArcSwap::from_pointee(acceptor))))
         }
         _ => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn a_swapped_data_symlink_is_a_change_though_the_named_path_is_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |p: &str| dir.path().join(p);
+        std::fs::create_dir(at("..v1")).unwrap();
+        std::fs::write(at("..v1/password"), "one").unwrap();
+        symlink("..v1", at("..data")).unwrap();
+        symlink("..data/password", at("password")).unwrap();
+        let files = vec![at("password"), at("missing")];
+        let before = Snapshot::take(files.clone());
+        let link_mtime = std::fs::symlink_metadata(at("password")).unwrap().modified().unwrap();
+        assert!(Snapshot::take(files.clone()).changed_since(&before).is_empty());
+
+        std::fs::create_dir(at("..v2")).unwrap();
+        std::fs::write(at("..v2/password"), "two").unwrap();
+        symlink("..v2", at("..data_tmp")).unwrap();
+        std::fs::rename(at("..data_tmp"), at("..data")).unwrap();
+        std::fs::remove_dir_all(at("..v1")).unwrap();
+
+        let after = Snapshot::take(files);
+        assert_eq!(after.changed_since(&before), vec![&at("password")]);
+        assert_eq!(
+            std::fs::symlink_metadata(at("password")).unwrap().modified().unwrap(),
+            link_mtime,
+            "the path the config names did not change; only what it resolves to"
+        );
     }
 }

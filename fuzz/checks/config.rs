@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use zapsign_proxy::config::{ClientKey, Config};
-use zapsign_proxy::secret::{Secret, REDACTED};
+use zapsign_proxy::secret::Secret;
 
 /// The variables `config.rs` reads, in the order the `\0`-separated values after the TOML text fill them.
 const ENV_NAMES: &[&str] = &[
@@ -17,6 +17,15 @@ const ENV_NAMES: &[&str] = &[
     "ZAPSIGN_PROXY_ADMIN_LISTEN",
     "ZAPSIGN_PROXY_UPSTREAM_URL",
     "ZAPSIGN_PROXY_WORKERS",
+    "RUST_LOG",
+];
+
+/// Each secret, the file key that can hold it, and the variable that can give it: `--check-config` shows the
+/// file key, or else only a comment saying the secret is set.
+const SECRETS: &[(&str, &str, &str)] = &[
+    ("auth.password", "password_file", "ZAPSIGN_PASSWORD"),
+    ("auth.api_token", "api_token_file", "ZAPSIGN_API_TOKEN"),
+    ("access.client_keys", "client_keys_file", "ZAPSIGN_PROXY_CLIENT_KEYS"),
 ];
 
 /// The keys `config.rs` opens as files.
@@ -100,22 +109,56 @@ fn check_one(text: &str, env: &dyn Fn(&str) -> Option<String>) {
                 format!("{other:?}"),
                 "a secret value reached Debug output"
             );
-            // And where a secret is set, the rendering says so, redacted.
+            // A secret never renders, not even redacted: the rendering is a config file, loadable again.
             let table: toml::Table = toml::from_str(&rendered)
                 .unwrap_or_else(|e| panic!("the rendered config is not TOML ({e}): {rendered}"));
             let auth = table.get("auth").and_then(|a| a.as_table()).expect("rendered [auth]");
-            for (key, secret) in [
-                ("password", &config.auth.password),
-                ("api_token", &config.auth.api_token),
-            ] {
-                let shown = auth.get(key).and_then(|v| v.as_str());
-                match secret {
-                    Some(_) => assert_eq!(shown, Some(REDACTED), "auth.{key} rendered as {shown:?}"),
-                    None => assert_eq!(shown, None, "auth.{key} rendered though unset"),
-                }
+            for key in ["password", "api_token"] {
+                assert!(auth.get(key).is_none(), "auth.{key} rendered: {rendered}");
+            }
+            let access = table
+                .get("access")
+                .and_then(|a| a.as_table())
+                .expect("rendered [access]");
+            assert!(
+                access.get("client_keys").is_none(),
+                "access.client_keys rendered: {rendered}"
+            );
+            // Where a secret is set, the rendering says where from: its file key, or a comment.
+            let set = [
+                config.auth.password.is_some(),
+                config.auth.api_token.is_some(),
+                !config.access.client_keys.is_empty(),
+            ];
+            let mut needs_inline = false;
+            for ((key, file_key, var), set) in SECRETS.iter().zip(set) {
+                let comment = rendered.contains(&format!("# {key}: set, not shown\n"));
+                let from_file = text_sets(&rendered, file_key) && !comment;
+                assert_eq!(
+                    set,
+                    comment || from_file,
+                    "{key}: set {set}, comment {comment}: {rendered}"
+                );
+                needs_inline |= comment && env(var).is_none_or(|v| v.is_empty());
+            }
+            // Fed back with the same environment, the rendering loads and renders the same; unless an inline
+            // secret had to be left out (only a comment says it was set).
+            if !needs_inline {
+                let again = Config::from_toml(&rendered, env)
+                    .unwrap_or_else(|e| panic!("the rendered config does not load ({e}):\n{rendered}"));
+                assert_eq!(
+                    again.to_redacted_toml(),
+                    rendered,
+                    "the rendering does not load to itself"
+                );
             }
         }
     }
+}
+
+/// Whether the rendered text sets `key` (in any section).
+fn text_sets(rendered: &str, key: &str) -> bool {
+    rendered.lines().any(|l| l.starts_with(&format!("{key} = ")))
 }
 
 /// Parses the input as `<toml text>\0<env values>` and checks every invariant; panics on a violation.
