@@ -230,6 +230,7 @@ fn token_keeper(
                 client,
                 credentials,
                 config.auth.refresh_margin,
+                config.auth.timeout,
                 metrics.clone(),
             );
             Ok((holder, Some(Arc::new(renewer))))

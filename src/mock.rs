@@ -1,7 +1,7 @@
 //! A small stand-in for ZapSign, used by `zapsign-proxy mock-upstream`, `zapsign-proxy demo` and the tests.
 //!
 //! - `POST /api/v1/auth/token/{org}/` and `POST /api/v1/auth/token-refresh/`: JWT login and refresh as
-//!   documented, with configurable lifetimes, rate-limited logins and revocation.
+//!   documented, with configurable lifetimes, rate-limited or slow logins and revocation.
 //! - Any other path: requires `Authorization: Bearer <valid token>` (the static API token or a live access
 //!   JWT, else 401 as ZapSign answers), and echoes what it received as JSON: method, raw target, headers,
 //!   body length and SHA-256. The body is hashed as it streams, never held.
@@ -121,6 +121,8 @@ pub struct MockState {
     pub api_calls: AtomicU64,
     /// The next this many login attempts answer 400 "Rate limit exceeded".
     pub rate_limited_logins: AtomicU32,
+    /// Login attempts wait this many milliseconds before answering: an auth endpoint that hangs.
+    pub login_delay_ms: AtomicU64,
     /// Tokens issued before this epoch are rejected.
     epoch: AtomicU64,
     /// Access tokens issued before this epoch are rejected (refresh tokens stay valid).
@@ -144,6 +146,7 @@ impl MockState {
             unauthorized: AtomicU64::new(0),
             api_calls: AtomicU64::new(0),
             rate_limited_logins: AtomicU32::new(0),
+            login_delay_ms: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
             access_epoch: AtomicU64::new(0),
             login_times: Mutex::new(Vec::new()),
@@ -538,6 +541,10 @@ async fn login(req: Request<Incoming>, org: &str, state: &MockState) -> Response
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .push(std::time::Instant::now());
+    let delay = state.login_delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     let body = read_json(req).await.unwrap_or_default();
     *state.last_login_password.lock().unwrap_or_else(|p| p.into_inner()) = body["password"].as_str().map(str::to_owned);
     let limited = state

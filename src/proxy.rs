@@ -222,6 +222,9 @@ impl Proxy {
 
     /// The upstream refused the token: renew it once and send the request again, when every byte of the body
     /// is still at hand; otherwise pass the 401 on (and renew in the background for the next requests).
+    ///
+    /// The replay carries a token newer than the refused one or does not happen: the renewer answers a refusal
+    /// with a newer token or a 503 (and drops the refused token), and the check here holds even if it did not.
     async fn replay_after_401(
         &self,
         first: Response<Incoming>,
@@ -232,22 +235,34 @@ impl Proxy {
         outcome: &mut Outcome<'_>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let body = match returned {
-            None => Some(ForwardBody::Empty),
-            // hyper hands the body back by dropping it once it is done with it.
-            Some(rx) => match tokio::time::timeout(self.response_timeout, rx).await {
-                Ok(Ok(kept)) if kept.replayable() => Some(ForwardBody::replay(kept)),
-                _ => None,
+            None => Ok(ForwardBody::Empty),
+            // hyper hands the body back by dropping it once it is done with it; an upstream that answered early
+            // and keeps reading slowly must not hold the caller longer than `auth.timeout`.
+            Some(rx) => match tokio::time::timeout(renewer.auth_timeout(), rx).await {
+                Ok(Ok(kept)) if kept.replayable() => Ok(ForwardBody::replay(kept)),
+                Ok(_) => Err("the body exceeded auth.replay_buffer"),
+                Err(_) => Err("the body did not come back from the refused exchange within auth.timeout"),
             },
         };
-        let Some(body) = body else {
-            info!("upstream answered 401 and the body exceeded auth.replay_buffer; passing the 401 on");
-            let renewer = renewer.clone();
-            tokio::spawn(async move {
-                let _ = renewer.renew(Trigger::Rejected(generation)).await;
-            });
-            return Ok(first);
+        let body = match body {
+            Ok(body) => body,
+            Err(why) => {
+                info!("upstream answered 401 and {why}; passing the 401 on");
+                let renewer = renewer.clone();
+                tokio::spawn(async move {
+                    let _ = renewer.renew(Trigger::Rejected(generation)).await;
+                });
+                return Ok(first);
+            }
         };
         let token = renewer.renew(Trigger::Rejected(generation)).await?;
+        if token.generation <= generation {
+            // Never send ZapSign the token it just refused.
+            return Err(ProxyError::TokenUnavailable {
+                reason: "ZapSign refused the token and no newer one is available yet".to_owned(),
+                retry_after: Duration::from_secs(1),
+            });
+        }
         drop(first);
         let mut req = head.into_request(body);
         set_authorization(req.headers_mut(), &token.header);

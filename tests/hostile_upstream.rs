@@ -605,8 +605,8 @@ async fn auth_resetting_connections_gives_503_until_it_recovers() {
 #[tokio::test]
 async fn auth_timing_out_gives_503_in_bounded_time_and_recovers() {
     bounded(async {
-        // The auth calls share upstream.response_timeout.
-        fails_then_recovers(Reply::Hang, "[upstream]\nresponse_timeout = \"500ms\"\n").await;
+        // Each auth call is bounded by auth.timeout, whatever upstream.response_timeout (120 s by default) says.
+        fails_then_recovers(Reply::Hang, "timeout = \"500ms\"\n").await;
     })
     .await;
 }
@@ -615,7 +615,7 @@ async fn auth_timing_out_gives_503_in_bounded_time_and_recovers() {
 async fn a_hung_auth_call_is_abandoned_not_leaked() {
     bounded(async {
         let auth = Auth::start(Reply::Hang).await;
-        let h = jwt_proxy(&auth, "x", "[upstream]\nresponse_timeout = \"300ms\"\n").await;
+        let h = jwt_proxy(&auth, "x", "timeout = \"300ms\"\n").await;
         assert!(wait_until(Duration::from_secs(5), || auth.calls() >= 1).await);
         assert!(
             wait_until(Duration::from_secs(5), || auth.server.peer_closed() >= 1).await,

@@ -284,3 +284,176 @@ async fn wrong_password_keeps_the_process_up_not_ready_slow_and_silent() {
         "no log line says which login failed"
     );
 }
+
+/// Issue 9, fault 2: a scheduled refresh fails (logins rate-limited), so a backoff is open while the old token is
+/// still held; then ZapSign revokes it. The request it refuses must not be replayed with it, and no later
+/// request may carry it: the caller gets 503 `token_unavailable` with `Retry-After`, never a second 401.
+#[tokio::test]
+async fn a_token_refused_during_a_backoff_is_never_replayed_nor_sent_again() {
+    // Tokens live 10 s and are renewed 8 s before expiry: the scheduled refresh comes about 2 s after login.
+    let mock_cfg = MockConfig {
+        access_ttl: Duration::from_secs(10),
+        ..MockConfig::default()
+    };
+    let h = Harness::start_jwt("refresh_margin = \"8s\"\n", mock_cfg, |_| {}).await;
+    assert!(h.wait_ready(Duration::from_secs(10)).await);
+    let s = h.mock.state.clone();
+    assert_eq!(send(h.addr, get(h.addr, "/api/v1/docs/")).await.status, 200);
+    let refused = s
+        .records()
+        .last()
+        .and_then(|r| r.header("authorization").map(str::to_owned))
+        .unwrap();
+    let sent_with_refused = || {
+        s.records()
+            .iter()
+            .filter(|r| r.header("authorization") == Some(refused.as_str()))
+            .count()
+    };
+
+    // ZapSign throttles logins and revokes every token: the scheduled refresh is refused, the fallback login
+    // rate-limited, and the renewer backs off while still holding the (now revoked) access token.
+    s.rate_limited_logins.store(1000, Ordering::SeqCst);
+    s.revoke_all();
+    let backing_off = wait_until(Duration::from_secs(10), || {
+        s.refresh_attempts.load(Ordering::SeqCst) >= 1 && s.login_attempts.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    assert!(backing_off, "the scheduled refresh never ran");
+    assert_eq!(sent_with_refused(), 1);
+
+    let a = send(h.addr, get(h.addr, "/api/v1/docs/")).await;
+    assert_proxy_error(&a, 503, "token_unavailable");
+    let retry_after: u64 = a.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=300).contains(&retry_after), "Retry-After {retry_after}");
+    assert_eq!(sent_with_refused(), 2, "the refused token was replayed");
+    assert_eq!(s.unauthorized.load(Ordering::SeqCst), 1);
+
+    // Later requests are not sent with it either (nor at all, while no token can be had).
+    let api_calls = s.api_calls.load(Ordering::SeqCst);
+    for _ in 0..3 {
+        let a = send(h.addr, get(h.addr, "/api/v1/docs/")).await;
+        assert_proxy_error(&a, 503, "token_unavailable");
+    }
+    assert_eq!(
+        s.api_calls.load(Ordering::SeqCst),
+        api_calls,
+        "a request went upstream without a token"
+    );
+    assert_eq!(sent_with_refused(), 2);
+
+    // Logins allowed again: the proxy recovers by itself with a new token.
+    s.rate_limited_logins.store(0, Ordering::SeqCst);
+    let end = Instant::now() + Duration::from_secs(20);
+    let recovered = loop {
+        let a = send(h.addr, get(h.addr, "/api/v1/docs/")).await;
+        if a.status == 200 || Instant::now() > end {
+            break a;
+        }
+        assert_proxy_error(&a, 503, "token_unavailable");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(recovered.status, 200, "{:?}", recovered.body);
+    assert_eq!(sent_with_refused(), 2);
+    assert_eq!(
+        s.unauthorized.load(Ordering::SeqCst),
+        1,
+        "the refused token reached ZapSign again"
+    );
+    let metrics = send(h.admin, get(h.admin, "/metrics")).await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(text.contains("zapsign_proxy_unauthorized_replays_total 0"), "{text}");
+    h.shutdown().await;
+}
+
+/// Issue 9, fault 4: a login that hangs is abandoned after `auth.timeout`, not after
+/// `upstream.response_timeout` (120 s), and counted as a failed renewal; a request waiting on it gets a 503 that
+/// names the timeout.
+#[tokio::test]
+async fn a_login_hanging_past_auth_timeout_is_abandoned_and_counted_as_an_error() {
+    let h = Harness::start_jwt("timeout = \"1s\"\n", MockConfig::default(), |s| {
+        s.login_delay_ms.store(60_000, Ordering::SeqCst);
+    })
+    .await;
+    let s = h.mock.state.clone();
+    assert!(wait_until(Duration::from_secs(5), || s.login_attempts.load(Ordering::SeqCst) >= 1).await);
+    let start = Instant::now();
+    let a = tokio::time::timeout(Duration::from_secs(10), send(h.addr, get(h.addr, "/api/v1/docs/")))
+        .await
+        .expect("the request waited on the hung login for more than 10 s");
+    let waited = start.elapsed();
+    assert!(waited < Duration::from_millis(2500), "waited {waited:?}");
+    assert_proxy_error(&a, 503, "token_unavailable");
+    let message = a.json()["message"].as_str().unwrap_or_default().to_owned();
+    assert!(message.contains("auth.timeout"), "{message}");
+    let metrics = send(h.admin, get(h.admin, "/metrics")).await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        !text.contains("zapsign_proxy_token_renewals_total{kind=\"login\",result=\"error\"} 0"),
+        "the abandoned login was not counted as an error:\n{text}"
+    );
+    assert_eq!(s.logins.load(Ordering::SeqCst), 0);
+
+    s.login_delay_ms.store(0, Ordering::SeqCst);
+    assert!(
+        h.wait_ready(Duration::from_secs(10)).await,
+        "no recovery once logins answer"
+    );
+    h.shutdown().await;
+}
+
+/// Issue 9, fault 4: after an upstream 401 the proxy waits for the request body to come back before replaying;
+/// a caller that stalls mid-upload holds that wait for `auth.timeout` at most (not `upstream.response_timeout`),
+/// then the 401 is passed on.
+#[tokio::test]
+async fn the_wait_for_a_body_to_replay_is_bounded_by_auth_timeout() {
+    use common::raw_upstream::RawUpstream;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const REFUSED: &[u8] =
+        b"HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+    // ZapSign answers 401 as soon as it has the head, before the body.
+    let up = RawUpstream::start(|mut conn| async move {
+        if conn.read_head_recorded().await.is_some() {
+            let _ = conn.write(REFUSED).await;
+            conn.until_closed().await;
+        }
+    })
+    .await;
+    let mock = MockZapSign::start(MockConfig::default()).await.unwrap();
+    let text = jwt_config(&format!(
+        "url = \"{}\"\ntimeout = \"1s\"\n[upstream]\nresponse_timeout = \"60s\"\n",
+        mock.url()
+    ));
+    let h = Harness::start_with(mock, &text, &up.url()).await;
+    assert!(h.wait_ready(Duration::from_secs(10)).await);
+
+    // The caller announces 1000 bytes, sends 10, and stalls.
+    let mut stream = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    stream
+        .write_all(b"POST /api/v1/docs/ HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut head = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut chunk = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    let waited = start.elapsed();
+    assert!(
+        read.is_ok(),
+        "no answer within 10 s: the body wait is not bounded by auth.timeout"
+    );
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    assert!(waited < Duration::from_millis(2500), "answered after {waited:?}");
+    assert_eq!(up.requests().len(), 1, "nothing may be replayed without the whole body");
+    drop(stream);
+    h.shutdown().await;
+}

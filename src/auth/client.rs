@@ -1,6 +1,10 @@
 //! The ZapSign auth calls (`POST /api/v1/auth/token/{organization_id}/` and `/api/v1/auth/token-refresh/`) over
 //! reqwest with the proxy's rustls trust, each outcome a typed [`AuthError`].
+//!
+//! How long one call may take (`auth.timeout`) is bounded by the renewer, which holds the single flight while the
+//! call runs; this client bounds only the connect (`upstream.connect_timeout`).
 
+use std::future::Future;
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -47,7 +51,7 @@ pub enum AuthError {
     #[error("the ZapSign auth endpoint answered a body without the expected tokens: {0}")]
     Malformed(String),
     /// No answer within a timeout.
-    #[error("the ZapSign auth endpoint did not answer within {which} ({timeout:?})")]
+    #[error("the ZapSign auth endpoint did not answer within {which} ({timeout:?}); raise {which} if the endpoint is reachable but this slow")]
     Timeout {
         /// The config key of the timeout.
         which: &'static str,
@@ -87,22 +91,40 @@ pub struct Credentials {
     pub password: Secret,
 }
 
+/// The two auth calls the renewer makes. [`AuthClient`] makes them over HTTP; the renewer's tests script them, so
+/// its timing rules (backoff, `auth.timeout`) run on tokio's paused clock.
+pub trait AuthCalls: std::fmt::Debug + Send + Sync + 'static {
+    /// Logs in with username and password.
+    fn login(&self, creds: &Credentials) -> impl Future<Output = Result<Issued, AuthError>> + Send;
+    /// Exchanges a refresh token for a new access token.
+    fn refresh(&self, refresh: &Secret) -> impl Future<Output = Result<Issued, AuthError>> + Send;
+}
+
 /// Calls ZapSign's auth endpoints.
 #[derive(Debug, Clone)]
 pub struct AuthClient {
     http: reqwest::Client,
     base: String,
     connect_timeout: Duration,
-    response_timeout: Duration,
+}
+
+impl AuthCalls for AuthClient {
+    fn login(&self, creds: &Credentials) -> impl Future<Output = Result<Issued, AuthError>> + Send {
+        AuthClient::login(self, creds)
+    }
+
+    fn refresh(&self, refresh: &Secret) -> impl Future<Output = Result<Issued, AuthError>> + Send {
+        AuthClient::refresh(self, refresh)
+    }
 }
 
 impl AuthClient {
-    /// A client for `auth.url`, trusting what `tls` trusts, with the upstream timeouts. Never follows redirects.
+    /// A client for `auth.url`, trusting what `tls` trusts, with `upstream.connect_timeout` for the connect.
+    /// Never follows redirects. No overall timeout here: the renewer bounds each call by `auth.timeout`.
     pub fn new(auth: &AuthConfig, upstream: &UpstreamConfig, tls: rustls::ClientConfig) -> Result<Self, AuthError> {
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .connect_timeout(upstream.connect_timeout)
-            .timeout(upstream.response_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .tcp_nodelay(true)
@@ -113,7 +135,6 @@ impl AuthClient {
             http,
             base: auth.url.text.clone(),
             connect_timeout: upstream.connect_timeout,
-            response_timeout: upstream.response_timeout,
         })
     }
 
@@ -178,17 +199,11 @@ impl AuthClient {
     }
 
     fn transport(&self, e: reqwest::Error) -> AuthError {
-        if e.is_timeout() {
-            if e.is_connect() {
-                AuthError::Timeout {
-                    which: "upstream.connect_timeout",
-                    timeout: self.connect_timeout,
-                }
-            } else {
-                AuthError::Timeout {
-                    which: "upstream.response_timeout",
-                    timeout: self.response_timeout,
-                }
+        // The only timeout reqwest runs here is the connect's; `auth.timeout` is the renewer's.
+        if e.is_timeout() && e.is_connect() {
+            AuthError::Timeout {
+                which: "upstream.connect_timeout",
+                timeout: self.connect_timeout,
             }
         } else {
             // reqwest's message names the URL (organization id, no secret) and the cause.

@@ -2,6 +2,7 @@
 //! one atomic load and a reference-count increment. Renewals swap a new, ready-made value in; readers never
 //! block and never see a half-written token.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +20,9 @@ pub struct Token {
     pub header: HeaderValue,
     /// When the token stops being valid; `None` for static API tokens, which do not expire.
     pub expires_at: Option<Instant>,
-    /// Counts renewals; a caller that saw a 401 with generation `g` asks for a renewal only if `g` is current.
+    /// Unique for the life of the holder and increasing with every token stored, even across a [`TokenHolder::clear`]:
+    /// a caller that saw a 401 with generation `g` asks for a renewal only if `g` is current, and a replay needs a
+    /// generation above `g`, so a number must never come back for a different token.
     pub generation: u64,
 }
 
@@ -37,6 +40,8 @@ pub struct Unavailable {
 pub struct TokenHolder {
     current: ArcSwapOption<Token>,
     unavailable: ArcSwap<Unavailable>,
+    /// The last generation handed out. Kept apart from `current` so a clear does not restart the count.
+    last_generation: AtomicU64,
 }
 
 /// Readiness, as `/readyz` reports it.
@@ -66,6 +71,7 @@ impl TokenHolder {
                 reason: "no token obtained yet".to_owned(),
                 retry_at: Instant::now() + Duration::from_secs(1),
             }),
+            last_generation: AtomicU64::new(0),
         }
     }
 
@@ -76,9 +82,9 @@ impl TokenHolder {
         Some(holder)
     }
 
-    /// Stores a new token and returns its generation.
+    /// Stores a new token and returns its generation, one above any generation this holder gave before.
     pub fn store(&self, header: HeaderValue, expires_at: Option<Instant>) -> u64 {
-        let generation = self.current.load().as_ref().map_or(1, |t| t.generation + 1);
+        let generation = self.last_generation.fetch_add(1, Ordering::Relaxed) + 1;
         self.current.store(Some(Arc::new(Token {
             header,
             expires_at,
@@ -91,6 +97,21 @@ impl TokenHolder {
     pub fn clear(&self, reason: String, retry_at: Instant) {
         self.current.store(None);
         self.set_unavailable(reason, retry_at);
+    }
+
+    /// Drops the current token if it is still the one of `generation` (ZapSign refused it), so no new request
+    /// carries it; a newer token stored meanwhile stays. The reason and retry time already recorded (by the
+    /// failed renewal that opened the backoff) are what callers are told. Returns whether it was dropped.
+    pub fn retire(&self, generation: u64) -> bool {
+        let current = self.current.load();
+        if current.as_ref().is_none_or(|t| t.generation != generation) {
+            return false;
+        }
+        let previous = self.current.compare_and_swap(&current, None);
+        match (&*previous, &*current) {
+            (Some(p), Some(c)) => Arc::ptr_eq(p, c),
+            _ => false,
+        }
     }
 
     /// Records why the next token is late, without touching a still-valid current one.
@@ -173,6 +194,41 @@ mod tests {
         assert!(h.bearer(now).is_ok());
         let err = h.bearer(now + Duration::from_secs(10)).unwrap_err();
         assert!(err.to_string().contains("expired"), "{err}");
+    }
+
+    #[test]
+    fn generations_stay_unique_after_clear() {
+        let h = TokenHolder::new();
+        let now = Instant::now();
+        let first = h.store(HeaderValue::from_static("Bearer a"), None);
+        h.clear("rejected".into(), now);
+        let second = h.store(HeaderValue::from_static("Bearer b"), None);
+        assert!(
+            second > first,
+            "generation {second} after a clear repeats or precedes {first}"
+        );
+        h.clear("rejected".into(), now);
+        assert!(h.store(HeaderValue::from_static("Bearer c"), None) > second);
+    }
+
+    #[test]
+    fn retire_drops_only_the_named_generation() {
+        let h = TokenHolder::new();
+        let now = Instant::now();
+        h.set_unavailable("refresh failing".into(), now + Duration::from_secs(3));
+        let old = h.store(HeaderValue::from_static("Bearer a"), None);
+        let new = h.store(HeaderValue::from_static("Bearer b"), None);
+        assert!(!h.retire(old), "a newer token was dropped for an older refusal");
+        assert_eq!(h.bearer(now).unwrap().generation, new);
+        assert!(h.retire(new));
+        assert!(!h.retire(new), "retired twice");
+        match h.bearer(now).unwrap_err() {
+            ProxyError::TokenUnavailable { reason, retry_after } => {
+                assert_eq!(reason, "refresh failing");
+                assert!(retry_after >= Duration::from_secs(2), "{retry_after:?}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

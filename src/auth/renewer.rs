@@ -3,8 +3,15 @@
 //!
 //! Single flight: every renewal, from the timer or from requests, runs under one async mutex. A request names
 //! the token generation it found bad; once it holds the mutex, a newer token means someone else already renewed
-//! and it returns at once. So however many requests ask together, one auth call runs and all wait on it.
+//! and it returns at once. So however many requests ask together, one auth call runs and all wait on it; each
+//! call is bounded by `auth.timeout`, so the flight is never held longer than that per call.
+//!
+//! A token ZapSign refused (401) is never handed back for a replay: [`Renewer::renew`] answers a refusal with a
+//! newer token or a 503, and drops the refused token from the holder when no newer one can be had.
+//!
+//! The clock is tokio's (the real one in production), so the tests drive backoff and timeouts on paused time.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -12,13 +19,18 @@ use arc_swap::ArcSwap;
 use tokio::sync::{watch, Mutex, Notify};
 use tracing::{info, warn};
 
-use super::client::{AuthClient, AuthError, Credentials, Issued};
+use super::client::{AuthCalls, AuthClient, AuthError, Credentials, Issued};
 use super::holder::{Token, TokenHolder};
 use super::jwt::{lifetime, renew_after, ACCESS_FALLBACK, REFRESH_FALLBACK};
 use crate::error::ProxyError;
 use crate::headers::bearer_value;
 use crate::metrics::Metrics;
 use crate::secret::Secret;
+
+/// Now, on tokio's clock: the same as `Instant::now()` unless a test paused time.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
 
 /// Why a renewal is asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,25 +88,29 @@ struct State {
     renew_at: Option<Instant>,
 }
 
-/// The JWT-mode token keeper.
+/// The JWT-mode token keeper; `C` makes the auth calls ([`AuthClient`] outside tests).
 #[derive(Debug)]
-pub struct Renewer {
+pub struct Renewer<C = AuthClient> {
     holder: Arc<TokenHolder>,
-    client: AuthClient,
+    client: C,
     credentials: ArcSwap<Credentials>,
     margin: Duration,
+    /// `auth.timeout`: one login or refresh call, start to finish.
+    timeout: Duration,
     state: Mutex<State>,
     wake: Notify,
     metrics: Arc<Metrics>,
 }
 
-impl Renewer {
-    /// A renewer that fills `holder`; call [`Renewer::run`] to start it.
+impl<C: AuthCalls> Renewer<C> {
+    /// A renewer that fills `holder`, renewing `margin` before expiry, each auth call bounded by `timeout`
+    /// (`auth.timeout`); call [`Renewer::run`] to start it.
     pub fn new(
         holder: Arc<TokenHolder>,
-        client: AuthClient,
+        client: C,
         credentials: Credentials,
         margin: Duration,
+        timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -102,15 +118,21 @@ impl Renewer {
             client,
             credentials: ArcSwap::from_pointee(credentials),
             margin,
+            timeout,
             state: Mutex::new(State {
                 refresh: None,
                 backoff: Backoff::default(),
-                next_attempt: Instant::now(),
+                next_attempt: now(),
                 renew_at: None,
             }),
             wake: Notify::new(),
             metrics,
         }
+    }
+
+    /// `auth.timeout`: also how long a request may wait for its body to come back for a replay.
+    pub fn auth_timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// New credentials (reload): the next renewal logs in with them, without waiting out a backoff.
@@ -119,20 +141,57 @@ impl Renewer {
         let mut st = self.state.lock().await;
         st.refresh = None;
         st.backoff.reset();
-        st.next_attempt = Instant::now();
-        st.renew_at = Some(Instant::now());
+        st.next_attempt = now();
+        st.renew_at = Some(now());
         drop(st);
         self.wake.notify_one();
     }
 
     /// A valid token, renewing first when `trigger` says the current one is missing, rejected or due.
-    /// Concurrent callers share one auth call. During a backoff, answers 503 at once.
+    /// Concurrent callers share one auth call. During a backoff, answers 503 at once (or, for a scheduled
+    /// renewal, keeps the still-valid token). After [`Trigger::Rejected`], see [`Renewer::newer_than`].
     pub async fn renew(&self, trigger: Trigger) -> Result<Arc<Token>, ProxyError> {
         let mut st = self.state.lock().await;
-        let now = Instant::now();
+        let result = self.renew_locked(&mut st, trigger).await;
+        match trigger {
+            Trigger::Rejected(refused) => self.newer_than(refused, result),
+            Trigger::Scheduled(_) | Trigger::Missing => result,
+        }
+    }
+
+    /// The one rule for a token ZapSign refused with a 401: what goes back for the replay is a token newer than
+    /// `refused`, or a 503 `token_unavailable`, never `refused` itself (a backoff window, a failed renewal or a
+    /// race all end here). Without a newer token, `refused` also leaves the holder, so new requests do not carry
+    /// it either; they get the 503 until a renewal succeeds. Called with the single-flight lock held.
+    fn newer_than(&self, refused: u64, result: Result<Arc<Token>, ProxyError>) -> Result<Arc<Token>, ProxyError> {
+        if let Ok(token) = &result {
+            if token.generation > refused {
+                return result;
+            }
+        }
+        if self.holder.retire(refused) {
+            info!(
+                generation = refused,
+                "ZapSign refused the current token and no newer one can be had yet; callers get 503 until a renewal succeeds"
+            );
+        }
+        let now = now();
+        match self.holder.bearer(now) {
+            Ok(token) if token.generation > refused => Ok(token),
+            Ok(_) => Err(ProxyError::TokenUnavailable {
+                reason: "ZapSign refused the token and no newer one is available yet".to_owned(),
+                retry_after: Duration::from_secs(1),
+            }),
+            Err(unavailable) => Err(unavailable),
+        }
+    }
+
+    async fn renew_locked(&self, st: &mut State, trigger: Trigger) -> Result<Arc<Token>, ProxyError> {
+        let now = now();
         if let Some(token) = self.holder.valid_token(now) {
             let stale = match trigger {
-                Trigger::Scheduled(g) | Trigger::Rejected(g) => g == token.generation,
+                // Generations only grow: the named one or an older one is not worth keeping.
+                Trigger::Scheduled(g) | Trigger::Rejected(g) => token.generation <= g,
                 Trigger::Missing => false,
             };
             if !stale {
@@ -142,20 +201,14 @@ impl Renewer {
         if now < st.next_attempt {
             return self.holder.bearer(now);
         }
-        match self.attempt(&mut st).await {
+        match self.attempt(st).await {
             Ok(token) => Ok(token),
             Err(err) => {
-                let now = Instant::now();
+                let now = self::now();
                 let gap = st.backoff.next(&err);
                 st.next_attempt = now + gap;
                 let reason = format!("{err}");
                 warn!(retry_in = ?gap, "token renewal failed: {reason}");
-                if let Trigger::Rejected(g) = trigger {
-                    // ZapSign refused this token: never inject it again.
-                    if self.holder.valid_token(now).is_some_and(|t| t.generation == g) {
-                        self.holder.clear(reason.clone(), st.next_attempt);
-                    }
-                }
                 self.holder.set_unavailable(reason, st.next_attempt);
                 // The refresher may be asleep until the old token's renewal time: have it retry after the backoff.
                 self.wake.notify_one();
@@ -164,11 +217,21 @@ impl Renewer {
         }
     }
 
+    /// Runs one auth call within `auth.timeout`: a call that hangs would otherwise hold the single flight, and
+    /// every request waiting on it, for as long as the connection lives.
+    async fn bounded(&self, call: impl Future<Output = Result<Issued, AuthError>>) -> Result<Issued, AuthError> {
+        let elapsed = Err(AuthError::Timeout {
+            which: "auth.timeout",
+            timeout: self.timeout,
+        });
+        tokio::time::timeout(self.timeout, call).await.unwrap_or(elapsed)
+    }
+
     /// One renewal: refresh while a live refresh token is held, else (or when refresh is refused) log in.
     async fn attempt(&self, st: &mut State) -> Result<Arc<Token>, AuthError> {
-        let now = Instant::now();
+        let now = now();
         if let Some(refresh) = st.refresh.as_ref().filter(|r| r.expires_at > now) {
-            let result = self.client.refresh(&refresh.token).await;
+            let result = self.bounded(self.client.refresh(&refresh.token)).await;
             self.metrics.renewal("refresh", &result);
             match result {
                 Ok(issued) => return Ok(self.store(st, issued)),
@@ -180,7 +243,7 @@ impl Renewer {
             }
         }
         let credentials = self.credentials.load_full();
-        let result = self.client.login(&credentials).await;
+        let result = self.bounded(self.client.login(&credentials)).await;
         self.metrics.renewal("login", &result);
         let issued = result?;
         Ok(self.store(st, issued))
@@ -188,7 +251,7 @@ impl Renewer {
 
     /// Swaps the new access token into the holder and schedules its renewal.
     fn store(&self, st: &mut State, issued: Issued) -> Arc<Token> {
-        let (now, wall) = (Instant::now(), SystemTime::now());
+        let (now, wall) = (now(), SystemTime::now());
         let (life, from_exp) = lifetime(issued.access.expose(), wall, ACCESS_FALLBACK);
         if !from_exp {
             warn!(assumed = ?life, "access token has no usable `exp` (missing, or clock skew); assuming the documented lifetime");
@@ -220,7 +283,7 @@ impl Renewer {
         loop {
             let due = {
                 let st = self.state.lock().await;
-                match (self.holder.valid_token(Instant::now()), st.renew_at) {
+                match (self.holder.valid_token(now()), st.renew_at) {
                     (Some(_), Some(at)) => at.max(st.next_attempt),
                     _ => st.next_attempt,
                 }
@@ -230,7 +293,7 @@ impl Renewer {
                 _ = self.wake.notified() => continue,
                 _ = crate::server::stopped(&mut shutdown) => return,
             }
-            let trigger = match self.holder.valid_token(Instant::now()) {
+            let trigger = match self.holder.valid_token(now()) {
                 Some(t) => Trigger::Scheduled(t.generation),
                 None => Trigger::Missing,
             };
@@ -242,6 +305,214 @@ impl Renewer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::VecDeque;
+
+    /// What the scripted ZapSign does on the next auth call.
+    #[derive(Debug)]
+    enum Next {
+        /// Hands out a new access token (and, on login, a refresh token).
+        Token,
+        /// Fails.
+        Fail(AuthError),
+        /// Never answers.
+        Hang,
+    }
+
+    /// An auth client that follows a script and records which calls were made.
+    #[derive(Debug, Default)]
+    struct Scripted {
+        script: std::sync::Mutex<VecDeque<Next>>,
+        calls: std::sync::Mutex<Vec<&'static str>>,
+    }
+
+    impl Scripted {
+        fn then(&self, next: Next) {
+            self.script.lock().unwrap().push_back(next);
+        }
+
+        fn calls(&self) -> Vec<&'static str> {
+            self.calls.lock().unwrap().clone()
+        }
+
+        fn answer(&self, kind: &'static str) -> impl Future<Output = Result<Issued, AuthError>> + Send + 'static {
+            let serial = {
+                let mut calls = self.calls.lock().unwrap();
+                calls.push(kind);
+                calls.len()
+            };
+            let next = self.script.lock().unwrap().pop_front();
+            async move {
+                match next {
+                    Some(Next::Token) => Ok(Issued {
+                        access: Secret::new(format!("access-{serial}")),
+                        refresh: (kind == "login").then(|| Secret::new(format!("refresh-{serial}"))),
+                    }),
+                    Some(Next::Fail(e)) => Err(e),
+                    Some(Next::Hang) => std::future::pending().await,
+                    None => panic!("unscripted {kind} call"),
+                }
+            }
+        }
+    }
+
+    impl AuthCalls for Arc<Scripted> {
+        fn login(&self, _: &Credentials) -> impl Future<Output = Result<Issued, AuthError>> + Send {
+            self.answer("login")
+        }
+
+        fn refresh(&self, _: &Secret) -> impl Future<Output = Result<Issued, AuthError>> + Send {
+            self.answer("refresh")
+        }
+    }
+
+    /// A renewer driven by a script, and what the tests look at.
+    type Rig = (
+        Arc<Renewer<Arc<Scripted>>>,
+        Arc<Scripted>,
+        Arc<TokenHolder>,
+        Arc<Metrics>,
+    );
+
+    fn renewer(timeout: Duration) -> Rig {
+        let (holder, client, metrics) = (
+            Arc::new(TokenHolder::new()),
+            Arc::new(Scripted::default()),
+            Arc::new(Metrics::new()),
+        );
+        let credentials = Credentials {
+            organization_id: "1".into(),
+            username: "u".into(),
+            password: Secret::new("p"),
+        };
+        let renewer = Renewer::new(
+            holder.clone(),
+            client.clone(),
+            credentials,
+            Duration::from_secs(300),
+            timeout,
+            metrics.clone(),
+        );
+        (Arc::new(renewer), client, holder, metrics)
+    }
+
+    fn server_error() -> AuthError {
+        AuthError::Status { status: 500 }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_during_a_backoff_gets_503_and_the_refused_token_leaves_the_holder() {
+        let (r, client, holder, _) = renewer(Duration::from_secs(10));
+        client.then(Next::Token);
+        let first = r.renew(Trigger::Missing).await.unwrap().generation;
+        // The scheduled refresh fails: a backoff opens while the old token is still valid and still injected.
+        client.then(Next::Fail(server_error()));
+        let kept = r.renew(Trigger::Scheduled(first)).await.unwrap();
+        assert_eq!(
+            kept.generation, first,
+            "a failed scheduled refresh keeps the valid token"
+        );
+        assert_eq!(client.calls(), ["login", "refresh"]);
+
+        // Now ZapSign refuses that token.
+        match r.renew(Trigger::Rejected(first)).await {
+            Err(ProxyError::TokenUnavailable { retry_after, .. }) => {
+                assert!(retry_after >= Duration::from_secs(1), "{retry_after:?}")
+            }
+            Ok(t) => panic!(
+                "generation {} handed back after generation {first} was refused",
+                t.generation
+            ),
+            Err(other) => panic!("{other:?}"),
+        }
+        assert!(holder.bearer(now()).is_err(), "the refused token is still injected");
+        assert!(
+            matches!(
+                r.renew(Trigger::Missing).await,
+                Err(ProxyError::TokenUnavailable { .. })
+            ),
+            "a request finding no token during the backoff gets 503"
+        );
+        assert!(
+            matches!(
+                r.renew(Trigger::Rejected(first)).await,
+                Err(ProxyError::TokenUnavailable { .. })
+            ),
+            "a second request refused with the same token gets 503"
+        );
+        assert_eq!(client.calls().len(), 2, "an auth call during the backoff");
+
+        // After the backoff, the next renewal brings a newer token.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        client.then(Next::Token);
+        let renewed = r.renew(Trigger::Missing).await.unwrap();
+        assert!(renewed.generation > first);
+        assert_eq!(holder.bearer(now()).unwrap().generation, renewed.generation);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_whose_renewal_fails_gets_503_and_drops_the_token() {
+        let (r, client, holder, _) = renewer(Duration::from_secs(10));
+        client.then(Next::Token);
+        let first = r.renew(Trigger::Missing).await.unwrap().generation;
+        client.then(Next::Fail(server_error()));
+        assert!(matches!(
+            r.renew(Trigger::Rejected(first)).await,
+            Err(ProxyError::TokenUnavailable { .. })
+        ));
+        assert!(holder.bearer(now()).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_refusals_share_one_renewal_and_all_get_the_newer_token() {
+        let (r, client, _, _) = renewer(Duration::from_secs(10));
+        client.then(Next::Token);
+        let first = r.renew(Trigger::Missing).await.unwrap().generation;
+        client.then(Next::Token);
+        let asks: Vec<_> = (0..5)
+            .map(|_| {
+                tokio::spawn({
+                    let r = r.clone();
+                    async move { r.renew(Trigger::Rejected(first)).await }
+                })
+            })
+            .collect();
+        for ask in asks {
+            assert!(ask.await.unwrap().unwrap().generation > first);
+        }
+        assert_eq!(client.calls(), ["login", "refresh"]);
+        // A refusal of a token already replaced costs nothing.
+        let current = r.renew(Trigger::Rejected(first)).await.unwrap();
+        assert!(current.generation > first);
+        assert_eq!(client.calls().len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_auth_call_is_abandoned_at_auth_timeout_and_counted_as_an_error() {
+        let timeout = Duration::from_secs(1);
+        let (r, client, _, metrics) = renewer(timeout);
+        client.then(Next::Hang);
+        let start = tokio::time::Instant::now();
+        let result = tokio::time::timeout(Duration::from_secs(600), r.renew(Trigger::Missing))
+            .await
+            .expect("the hanging login held the renewal for 10 minutes");
+        assert_eq!(start.elapsed(), timeout, "abandoned after {:?}", start.elapsed());
+        let message = result.unwrap_err().to_string();
+        assert!(message.contains("auth.timeout") && message.contains("1s"), "{message}");
+        assert_eq!(metrics.renewals("login", "error"), 1);
+
+        // The same bound holds for a refresh.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        client.then(Next::Token);
+        let first = r.renew(Trigger::Missing).await.unwrap().generation;
+        client.then(Next::Hang);
+        let start = tokio::time::Instant::now();
+        let kept = tokio::time::timeout(Duration::from_secs(600), r.renew(Trigger::Scheduled(first)))
+            .await
+            .expect("the hanging refresh held the renewal for 10 minutes");
+        assert_eq!(start.elapsed(), timeout);
+        assert_eq!(kept.unwrap().generation, first);
+        assert_eq!(metrics.renewals("refresh", "error"), 1);
+    }
 
     #[test]
     fn backoff_gaps_grow_never_shrink_and_are_capped() {
