@@ -6,6 +6,7 @@
 //! - [`config`]: the TOML file and environment overrides, validated into [`config::Config`].
 //! - [`server`]: the caller listener: accept loop, connection limit, HTTP/1.1 and h2c, graceful shutdown.
 //! - [`proxy`]: the per-request service: access checks, request rewriting, forwarding, error answers.
+//! - [`access`]: the path (dot segments, `allow_paths`) and client-key rules of the access checks.
 //! - [`headers`]: the header and query rules, as pure functions.
 //! - [`affinity`]: each caller HTTP/1.1 connection drives its own upstream connection in the same task.
 //! - [`upstream`]: the pooled hyper client over rustls towards ZapSign; [`tls`] builds its trust roots.
@@ -19,6 +20,7 @@
 //! [`run`] takes already-bound listeners and a shutdown future, so tests and benches drive the real server
 //! in-process.
 
+pub mod access;
 pub mod admin;
 pub mod affinity;
 pub mod auth;

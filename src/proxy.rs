@@ -335,8 +335,8 @@ impl Proxy {
         })
     }
 
-    /// The contract's order: caller network (403), client key (407), path (403). Returns the id of the client
-    /// key presented, for the access log.
+    /// The contract's order: caller network (403), client key (407), dot segments in the path (400), path
+    /// (403). Returns the id of the client key presented, for the access log.
     fn check_access(&self, parts: &Parts, peer: SocketAddr) -> Result<Option<Arc<str>>, ProxyError> {
         let access = self.access.load();
         let ip = peer.ip().to_canonical();
@@ -350,7 +350,7 @@ impl Proxy {
             let presented = parts
                 .headers
                 .get(PROXY_AUTHORIZATION)
-                .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+                .and_then(|v| crate::access::bearer_key(v.as_bytes()))
                 .ok_or(ProxyError::ProxyAuthRequired)?;
             // Every key is compared, so the time taken does not tell which key came close.
             for key in &access.client_keys {
@@ -366,9 +366,7 @@ impl Proxy {
         let Some(pq) = parts.uri.path_and_query() else {
             return Ok(key_id);
         };
-        if !access.allow_paths.iter().any(|p| pq.path().starts_with(p.as_str())) {
-            return Err(ProxyError::Forbidden("the path is not in access.allow_paths"));
-        }
+        crate::access::check_path(pq.path(), &access.allow_paths)?;
         Ok(key_id)
     }
 
