@@ -148,11 +148,16 @@ impl Proxy {
             .forward(parts, body, conn, start, &request_id, &mut outcome)
             .instrument(span.clone())
             .await;
-        let mut resp = match forwarded {
-            Ok(resp) => resp.map(Either::Left),
+        let (mut resp, refused) = match forwarded {
+            Ok(resp) => (resp.map(Either::Left), None),
             Err(err) => {
-                span.in_scope(|| warn!(error = err.code(), "{err}"));
-                err.to_response().map(Either::Right)
+                // A failure of the proxy or the upstream (5xx) is what operators alert on: `warn`. A caller's
+                // error (4xx) is the caller's business, told in its access line at `info`, so a hostile caller
+                // cannot flood the level operators watch.
+                if err.status().is_server_error() {
+                    span.in_scope(|| warn!(error = err.code(), "{err}"));
+                }
+                (err.to_response().map(Either::Right), Some(err))
             }
         };
         resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
@@ -165,6 +170,8 @@ impl Proxy {
                 upstream_us = outcome.upstream.map(|d| d.as_micros() as u64),
                 client = %peer.ip(),
                 key_id = outcome.key_id.as_deref(),
+                error = refused.as_ref().map(ProxyError::code),
+                reason = refused.as_ref().map(tracing::field::display),
                 "served"
             )
         });
