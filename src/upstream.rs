@@ -6,7 +6,7 @@ use std::time::Duration;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioTimer;
 
 use crate::config::UpstreamConfig;
 use crate::error::{ProxyError, UpstreamFailure};
@@ -17,13 +17,19 @@ pub type UpstreamClient<B> = Client<Connector, B>;
 /// Opens upstream connections: TCP with `upstream.connect_timeout` and TCP_NODELAY, then TLS for `https`.
 pub type Connector = HttpsConnector<HttpConnector>;
 
-/// Builds the pooled client for `cfg` on `connector`.
-pub fn build_client<B>(connector: Connector) -> UpstreamClient<B>
+/// Builds the pooled client on `connector`; its connections and pool timer are spawned on `executor`
+/// ([`crate::tasks::Tasks`] in `run`, so they end before `run` returns).
+pub fn build_client<B, E>(connector: Connector, executor: E) -> UpstreamClient<B>
 where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
+    E: hyper::rt::Executor<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
 {
-    Client::builder(TokioExecutor::new())
+    Client::builder(executor)
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(60))
