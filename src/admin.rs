@@ -21,13 +21,16 @@ use crate::auth::holder::Readiness;
 use crate::auth::TokenHolder;
 use crate::metrics::Metrics;
 use crate::server::stopped;
+use crate::tasks::Tasks;
 
-/// Serves admin requests until `shutdown` turns true.
+/// Serves admin requests until `shutdown` turns true. Connections are spawned on `tasks`: a scraper's
+/// keep-alive connection still answers while callers drain, and is closed when `run` closes its tasks.
 pub async fn serve(
     listener: TcpListener,
     holder: Arc<TokenHolder>,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
+    tasks: Tasks,
 ) {
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new());
@@ -51,7 +54,9 @@ pub async fn serve(
                 async move { Ok::<_, Infallible>(route(&req, &holder, &metrics)) }
             }),
         );
-        tokio::spawn(conn);
+        tasks.spawn(async move {
+            let _ = conn.await;
+        });
     }
 }
 

@@ -6,6 +6,7 @@
 //! - [`config`]: the TOML file and environment overrides, validated into [`config::Config`].
 //! - [`server`]: the caller listener: accept loop, connection limit, HTTP/1.1 and h2c, graceful shutdown.
 //! - [`proxy`]: the per-request service: access checks, request rewriting, forwarding, error answers.
+//! - [`access`]: the path (dot segments, `allow_paths`) and client-key rules of the access checks.
 //! - [`headers`]: the header and query rules, as pure functions.
 //! - [`affinity`]: each caller HTTP/1.1 connection drives its own upstream connection in the same task.
 //! - [`upstream`]: the pooled hyper client over rustls towards ZapSign; [`tls`] builds its trust roots.
@@ -15,10 +16,12 @@
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on their own listener; [`metrics`] holds the counters.
 //! - [`error`]: the proxy's own error answers; [`secret`]: the redacting secret type.
 //! - [`mock`]: a small ZapSign stand-in for the demo, the tests and local trials.
+//! - [`tasks`]: every task `run` starts, closed and joined before `run` returns.
 //!
 //! [`run`] takes already-bound listeners and a shutdown future, so tests and benches drive the real server
 //! in-process.
 
+pub mod access;
 pub mod admin;
 pub mod affinity;
 pub mod auth;
@@ -36,6 +39,7 @@ pub mod replay;
 pub mod secret;
 pub mod server;
 pub mod shared;
+pub mod tasks;
 pub mod tls;
 pub mod upstream;
 
@@ -100,7 +104,9 @@ impl Listeners {
     }
 }
 
-/// Runs the proxy on `listeners` until `shutdown` completes, then drains within `server.shutdown_grace`.
+/// Runs the proxy on `listeners` until `shutdown` completes, then drains within `server.shutdown_grace`; what
+/// is still open after the grace (connections, upstream connections, background loops) is closed, and `run`
+/// returns only once every task it started has ended.
 pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     run_with_reloads(config, listeners, shutdown, None).await
 }
@@ -119,14 +125,16 @@ pub async fn run_with_reloads(
     let metrics = Arc::new(Metrics::new());
     let (stop_tx, stop_rx) = watch::channel(false);
     let (holder, renewer) = token_keeper(&config, &tls, &metrics)?;
+    let tasks = tasks::Tasks::new();
     if let Some(renewer) = &renewer {
-        tokio::spawn(renewer.clone().run(stop_rx.clone()));
+        tasks.spawn(renewer.clone().run(stop_rx.clone()));
     }
     let connector = upstream::build_connector(&config.upstream, tls);
     let proxy = Arc::new(proxy::Proxy {
         upstream: config.upstream.url.clone(),
         response_timeout: config.upstream.response_timeout,
-        client: upstream::build_client(connector.clone()),
+        client: upstream::build_client(connector.clone(), tasks.clone()),
+        tasks: tasks.clone(),
         connector,
         holder: holder.clone(),
         renewer,
@@ -137,7 +145,13 @@ pub async fn run_with_reloads(
     });
     if let Some(admin) = listeners.admin {
         info!(addr = %admin.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "admin listening");
-        tokio::spawn(admin::serve(admin, holder.clone(), metrics, stop_rx.clone()));
+        tasks.spawn(admin::serve(
+            admin,
+            holder.clone(),
+            metrics,
+            stop_rx.clone(),
+            tasks.clone(),
+        ));
     }
     info!(
         addr = %listeners.proxy.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
@@ -152,15 +166,18 @@ pub async fn run_with_reloads(
             renewer: proxy.renewer.clone(),
             tls: server_tls.clone(),
         };
-        tokio::spawn(reload::apply_all(config.clone(), reloads, live));
+        tasks.spawn(reload::apply_all(config.clone(), reloads, live));
     }
-    let serving = server::serve(listeners.proxy, proxy, &config.server, server_tls, stop_rx);
+    let serving = server::serve(listeners.proxy, proxy, &config.server, server_tls, stop_rx, &tasks);
     let stopping = async {
         shutdown.await;
         info!("shutdown requested");
         let _ = stop_tx.send(true);
     };
     tokio::join!(serving, stopping);
+    // The drain is over (every connection closed, or `server.shutdown_grace` passed): end what is left.
+    tasks.close().await;
+    info!("stopped");
     Ok(())
 }
 

@@ -22,8 +22,10 @@ const UPSTREAM_KINDS: [&str; 3] = ["connect", "protocol", "timeout"];
 #[derive(Debug)]
 pub struct Metrics {
     requests: [AtomicU64; 600],
-    buckets: [AtomicU64; BUCKETS.len()],
-    duration_count: AtomicU64,
+    /// Per-bucket (not cumulative) request counts; the last slot counts durations above the largest bound.
+    /// There is no separate count: `+Inf` and `_count` are the sum of one read of these slots, so a scrape
+    /// never shows `+Inf` below a finite bucket, however requests race with it.
+    buckets: [AtomicU64; BUCKETS.len() + 1],
     duration_sum_ns: AtomicU64,
     upstream_errors: [AtomicU64; UPSTREAM_KINDS.len()],
     renewals: [[AtomicU64; RENEWAL_RESULTS.len()]; RENEWAL_KINDS.len()],
@@ -42,7 +44,6 @@ impl Metrics {
         Self {
             requests: std::array::from_fn(|_| AtomicU64::new(0)),
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-            duration_count: AtomicU64::new(0),
             duration_sum_ns: AtomicU64::new(0),
             upstream_errors: std::array::from_fn(|_| AtomicU64::new(0)),
             renewals: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
@@ -56,10 +57,8 @@ impl Metrics {
             slot.fetch_add(1, Ordering::Relaxed);
         }
         let secs = elapsed.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.duration_count.fetch_add(1, Ordering::Relaxed);
+        let i = BUCKETS.iter().position(|b| secs <= *b).unwrap_or(BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.duration_sum_ns
             .fetch_add(elapsed.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
     }
@@ -124,15 +123,18 @@ impl Metrics {
             "# HELP zapsign_proxy_request_duration_seconds Time from request head to response head."
         )?;
         writeln!(out, "# TYPE zapsign_proxy_request_duration_seconds histogram")?;
-        let mut cumulative = 0;
-        for (bound, n) in BUCKETS.iter().zip(&self.buckets) {
-            cumulative += n.load(Ordering::Relaxed);
+        // Each slot is read once, and every rendered number derives from that one read: the buckets are
+        // cumulative and monotone, and `+Inf` equals `_count`.
+        let counts: [u64; BUCKETS.len() + 1] = std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed));
+        let mut cumulative = 0u64;
+        for (bound, n) in BUCKETS.iter().zip(&counts) {
+            cumulative = cumulative.saturating_add(*n);
             writeln!(
                 out,
                 "zapsign_proxy_request_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
             )?;
         }
-        let count = self.duration_count.load(Ordering::Relaxed);
+        let count = cumulative.saturating_add(counts[BUCKETS.len()]);
         writeln!(
             out,
             "zapsign_proxy_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
@@ -191,6 +193,80 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The histogram's samples in one rendering: the finite buckets in order, `+Inf`, and `_count`.
+    fn histogram(text: &str) -> (Vec<u64>, u64, u64) {
+        let value = |line: &str| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap();
+        let mut finite = Vec::new();
+        let (mut inf, mut count) = (None, None);
+        for line in text.lines() {
+            if line.starts_with("zapsign_proxy_request_duration_seconds_bucket{le=\"+Inf\"}") {
+                inf = Some(value(line));
+            } else if line.starts_with("zapsign_proxy_request_duration_seconds_bucket") {
+                finite.push(value(line));
+            } else if line.starts_with("zapsign_proxy_request_duration_seconds_count") {
+                count = Some(value(line));
+            }
+        }
+        (finite, inf.unwrap(), count.unwrap())
+    }
+
+    #[test]
+    fn durations_above_the_largest_bound_count_only_in_inf() {
+        let m = Metrics::new();
+        m.request(200, Duration::from_secs(10));
+        m.request(200, Duration::from_secs(11));
+        let (finite, inf, count) = histogram(&m.render(&TokenHolder::new()));
+        assert_eq!(finite.last(), Some(&1));
+        assert_eq!((inf, count), (2, 2));
+    }
+
+    /// Requests observed on many threads while the histogram renders: every rendering is cumulative and
+    /// monotone, with `+Inf` == `_count` >= the last finite bucket. More observers than cores, so some are
+    /// always preempted mid-observation, the moment a reading of separate counters would catch.
+    #[test]
+    fn the_histogram_stays_consistent_while_requests_race_with_a_scrape() {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        let m = Arc::new(Metrics::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        let observers: Vec<_> = (0..8)
+            .map(|t| {
+                let (m, stop) = (m.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let durations = [
+                        Duration::from_micros(500),
+                        Duration::from_millis(30),
+                        Duration::from_secs(5),
+                    ];
+                    let mut i = t;
+                    while !stop.load(Ordering::Relaxed) {
+                        m.request(200, durations[i % durations.len()]);
+                        i += 1;
+                    }
+                })
+            })
+            .collect();
+        let holder = TokenHolder::new();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut bad = None;
+        let mut renders = 0;
+        while Instant::now() < deadline && bad.is_none() {
+            let text = m.render(&holder);
+            renders += 1;
+            let (finite, inf, count) = histogram(&text);
+            let monotone = finite.windows(2).all(|w| w[0] <= w[1]);
+            if !monotone || inf != count || finite.last().is_some_and(|last| *last > inf) {
+                bad = Some(format!("finite {finite:?}, +Inf {inf}, count {count}"));
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        for o in observers {
+            o.join().unwrap();
+        }
+        assert!(bad.is_none(), "after {renders} renderings: {}", bad.unwrap_or_default());
+        assert!(renders > 10, "too few renderings to prove anything: {renders}");
+    }
 
     #[test]
     fn counts_render_with_labels() {

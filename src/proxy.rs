@@ -58,6 +58,8 @@ pub struct Proxy {
     pub(crate) access: ArcSwap<AccessConfig>,
     /// Counters.
     pub(crate) metrics: Arc<Metrics>,
+    /// Where the proxy starts background work (a renewal after an unreplayable 401), so it ends with `run`.
+    pub(crate) tasks: crate::tasks::Tasks,
 }
 
 /// What a caller connection gives each of its requests; built once per connection.
@@ -147,11 +149,16 @@ impl Proxy {
             .forward(parts, body, conn, start, &request_id, &mut outcome)
             .instrument(span.clone())
             .await;
-        let mut resp = match forwarded {
-            Ok(resp) => resp.map(Either::Left),
+        let (mut resp, refused) = match forwarded {
+            Ok(resp) => (resp.map(Either::Left), None),
             Err(err) => {
-                span.in_scope(|| warn!(error = err.code(), "{err}"));
-                err.to_response().map(Either::Right)
+                // A failure of the proxy or the upstream (5xx) is what operators alert on: `warn`. A caller's
+                // error (4xx) is the caller's business, told in its access line at `info`, so a hostile caller
+                // cannot flood the level operators watch.
+                if err.status().is_server_error() {
+                    span.in_scope(|| warn!(error = err.code(), "{err}"));
+                }
+                (err.to_response().map(Either::Right), Some(err))
             }
         };
         resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
@@ -164,6 +171,8 @@ impl Proxy {
                 upstream_us = outcome.upstream.map(|d| d.as_micros() as u64),
                 client = %peer.ip(),
                 key_id = outcome.key_id.as_deref(),
+                error = refused.as_ref().map(ProxyError::code),
+                reason = refused.as_ref().map(tracing::field::display),
                 "served"
             )
         });
@@ -249,7 +258,7 @@ impl Proxy {
             Err(why) => {
                 info!("upstream answered 401 and {why}; passing the 401 on");
                 let renewer = renewer.clone();
-                tokio::spawn(async move {
+                self.tasks.spawn(async move {
                     let _ = renewer.renew(Trigger::Rejected(generation)).await;
                 });
                 return Ok(first);
@@ -354,8 +363,8 @@ impl Proxy {
         })
     }
 
-    /// The contract's order: caller network (403), client key (407), path (403). Returns the id of the client
-    /// key presented, for the access log.
+    /// The contract's order: caller network (403), client key (407), dot segments in the path (400), path
+    /// (403). Returns the id of the client key presented, for the access log.
     fn check_access(&self, parts: &Parts, peer: SocketAddr) -> Result<Option<Arc<str>>, ProxyError> {
         let access = self.access.load();
         let ip = peer.ip().to_canonical();
@@ -369,7 +378,7 @@ impl Proxy {
             let presented = parts
                 .headers
                 .get(PROXY_AUTHORIZATION)
-                .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+                .and_then(|v| crate::access::bearer_key(v.as_bytes()))
                 .ok_or(ProxyError::ProxyAuthRequired)?;
             // Every key is compared, so the time taken does not tell which key came close.
             for key in &access.client_keys {
@@ -385,9 +394,7 @@ impl Proxy {
         let Some(pq) = parts.uri.path_and_query() else {
             return Ok(key_id);
         };
-        if !access.allow_paths.iter().any(|p| pq.path().starts_with(p.as_str())) {
-            return Err(ProxyError::Forbidden("the path is not in access.allow_paths"));
-        }
+        crate::access::check_path(pq.path(), &access.allow_paths)?;
         Ok(key_id)
     }
 

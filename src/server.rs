@@ -13,7 +13,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
@@ -25,6 +25,7 @@ use crate::affinity::{Affinity, Paired};
 use crate::config::ServerConfig;
 use crate::memory::Trimmer;
 use crate::proxy::{CallerConn, Proxy};
+use crate::tasks::Tasks;
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4): a client speaking h2c with prior knowledge starts with it.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -32,17 +33,18 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Per-connection protocol settings, built once.
 struct ConnSettings {
     http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
+    /// HTTP/2 streams are spawned on the run's [`Tasks`], so they end with it.
+    http2: http2::Builder<Tasks>,
     header_read_timeout: Duration,
 }
 
 impl ConnSettings {
-    fn new(cfg: &ServerConfig) -> Self {
+    fn new(cfg: &ServerConfig, tasks: &Tasks) -> Self {
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
             .header_read_timeout(cfg.header_read_timeout)
             .keep_alive(true);
-        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        let mut h2 = http2::Builder::new(tasks.clone());
         h2.timer(TokioTimer::new())
             .max_concurrent_streams(256)
             .keep_alive_interval(Some(Duration::from_secs(30)));
@@ -63,20 +65,22 @@ pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
 pub type TlsCell = Option<Arc<ArcSwap<TlsAcceptor>>>;
 
 /// Accepts and serves callers until `shutdown` turns true, then closes the listener (new connections are
-/// refused, not left waiting) and lets open requests finish within `server.shutdown_grace`.
+/// refused, not left waiting) and lets open requests finish within `server.shutdown_grace`. Connections are
+/// spawned on `tasks`: those still open after the grace end when the caller closes `tasks`.
 pub async fn serve(
     listener: TcpListener,
     proxy: Arc<Proxy>,
     cfg: &ServerConfig,
     tls: TlsCell,
     mut shutdown: watch::Receiver<bool>,
+    tasks: &Tasks,
 ) {
-    let settings = Arc::new(ConnSettings::new(cfg));
+    let settings = Arc::new(ConnSettings::new(cfg, tasks));
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
     let graceful = GracefulShutdown::new();
     let trimmer = Arc::new(Trimmer::default());
     let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    tokio::spawn(trimmer.clone().run(shutdown.clone()));
+    tasks.spawn(trimmer.clone().run(shutdown.clone()));
     loop {
         let permit = tokio::select! {
             permit = limit.clone().acquire_owned() => match permit {
@@ -105,7 +109,7 @@ pub async fn serve(
         let acceptor = tls.as_ref().map(|cell| cell.load_full());
         let (active, trimmer) = (active.clone(), trimmer.clone());
         active.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             match acceptor {
                 None => serve_connection(stream, peer, "http", proxy, &settings, watcher).await,
                 // The handshake counts against the header read timeout: a silent TLS client is cut off too.

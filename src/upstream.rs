@@ -13,7 +13,7 @@ use http::{Uri, Version};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tower_service::Service;
 
 use crate::config::UpstreamConfig;
@@ -75,13 +75,19 @@ impl Service<Uri> for Connector {
     }
 }
 
-/// Builds the pooled client for `cfg` on `connector`.
-pub fn build_client<B>(connector: Connector) -> UpstreamClient<B>
+/// Builds the pooled client on `connector`; its connections and pool timer are spawned on `executor`
+/// ([`crate::tasks::Tasks`] in `run`, so they end before `run` returns).
+pub fn build_client<B, E>(connector: Connector, executor: E) -> UpstreamClient<B>
 where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
+    E: hyper::rt::Executor<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
 {
-    Client::builder(TokioExecutor::new())
+    Client::builder(executor)
         // The default, said out loud because the proxy relies on it: on an HTTP/1.1 connection the client
         // writes `Host` from the URI's authority (the upstream's) when the request has none; on HTTP/2 it adds
         // none and the authority goes as `:authority` only. See `headers::fit_to_upstream_version`.

@@ -455,7 +455,6 @@ async fn double_slash_and_at_sign_targets_stay_paths_on_the_upstream() {
             format!("//{up}@{other}/x"),
             format!("/@{other}/x"),
             format!("/api/v1/docs/@{other}"),
-            format!("/..//{other}/"),
             format!("/%2F%2F{other}/"),
             format!("/api/v1/docs/?next=//{other}/&to=http://{other}/"),
         ];
@@ -469,6 +468,10 @@ async fn double_slash_and_at_sign_targets_stay_paths_on_the_upstream() {
                 "the path changed on the way"
             );
         }
+        // A dot segment could resolve anywhere: refused with 400 before it is forwarded (issue 9).
+        let req = format!("GET /..//{other}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.refused(req.as_bytes(), &[400], "dot segment before a double slash")
+            .await;
         for target in [format!("@{other}/x"), format!("{other}/x"), format!("\\\\{other}\\x")] {
             let req = format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n");
             s.refused(req.as_bytes(), &[400], &target).await;

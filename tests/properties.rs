@@ -1,12 +1,14 @@
 //! Issue 5: property tests of the header and query rules in `src/headers.rs`, over generated header maps and
 //! query strings: hop-by-hop removal (RFC 9110 §7.6.1), the `api_token` query rule, the request id, and the
-//! forwarding headers. A failing case is shrunk and printed; nothing is written to disk.
+//! forwarding headers. Issue 9: the path rule of `src/access.rs` against RFC 3986 §5.2.4 path resolution.
+//! A failing case is shrunk and printed; nothing is written to disk.
 
 use std::net::IpAddr;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use proptest::prelude::*;
 use proptest::test_runner::Config;
+use zapsign_proxy::access::{check_path, has_dot_segment};
 use zapsign_proxy::headers::{ensure_request_id, remove_hop_by_hop, set_forwarding, strip_api_token};
 
 /// The fixed hop-by-hop list, plus `Expect` (the proxy answers `100-continue` itself).
@@ -417,6 +419,167 @@ proptest! {
                 let name = p.split('=').next().unwrap_or("");
                 prop_assert!(!decodes_to_api_token(name), "{p:?} kept from {query:?}");
             }
+        }
+    }
+}
+
+/// RFC 3986 §6.2.2.2: percent-encoded unreserved characters (`ALPHA / DIGIT / "-" / "." / "_" / "~"`) are
+/// equivalent to the characters themselves, and a server may decode them before resolving the path. Other
+/// escapes (`%2F` among them) stay as they are.
+fn decode_unreserved(path: &str) -> String {
+    let b = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            if let (Some(hi), Some(lo)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                let c = char::from((hi * 16 + lo) as u8);
+                if c.is_ascii_alphanumeric() || "-._~".contains(c) {
+                    out.push(c);
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        out.push(char::from(b[i]));
+        i += 1;
+    }
+    out
+}
+
+/// RFC 3986 §5.2.4 `remove_dot_segments`, step by step as the RFC writes it: the reference for what path an
+/// upstream resolves.
+fn remove_dot_segments(path: &str) -> String {
+    /// Step 2C/2D: removes the last segment and its preceding "/" (if any) from the output buffer.
+    fn pop_segment(output: &mut String) {
+        match output.rfind('/') {
+            Some(i) => output.truncate(i),
+            None => output.clear(),
+        }
+    }
+    let mut input = path.to_owned();
+    let mut output = String::new();
+    while !input.is_empty() {
+        if input.starts_with("../") {
+            input.drain(..3); // 2A
+        } else if input.starts_with("./") {
+            input.drain(..2); // 2A
+        } else if input.starts_with("/./") {
+            input.replace_range(..3, "/"); // 2B
+        } else if input == "/." {
+            input = "/".to_owned(); // 2B
+        } else if input.starts_with("/../") {
+            input.replace_range(..4, "/"); // 2C
+            pop_segment(&mut output);
+        } else if input == "/.." {
+            input = "/".to_owned(); // 2C
+            pop_segment(&mut output);
+        } else if input == "." || input == ".." {
+            input.clear(); // 2D
+        } else {
+            // 2E: the first segment, with its leading "/" if any, moves to the output.
+            let start = usize::from(input.starts_with('/'));
+            let end = input[start..].find('/').map_or(input.len(), |i| i + start);
+            output.push_str(&input[..end]);
+            input.drain(..end);
+        }
+    }
+    output
+}
+
+/// A path built from pieces that matter to the rule: separators, plain and encoded dots in both cases, encoded
+/// slashes and unreserved characters, truncated escapes, and ordinary segments; often after an allowed prefix.
+fn request_path() -> impl Strategy<Value = String> {
+    const START: &[&str] = &["", "/", "/api/", "/api", "/api/v1/", "/apix/", "/admin/"];
+    const PIECES: &[&str] = &[
+        "/",
+        "/",
+        "/",
+        ".",
+        ".",
+        "..",
+        "%2e",
+        "%2E",
+        "%2e%2e",
+        ".%2E",
+        "%2F",
+        "%2f",
+        "%5C",
+        "\\",
+        "a",
+        "api",
+        "v1",
+        "docs",
+        "admin",
+        "%41",
+        "%7E",
+        "%61pi",
+        "%2",
+        "%",
+        "-",
+        "_",
+        "~",
+        ".well-known",
+    ];
+    (
+        proptest::sample::select(START),
+        proptest::collection::vec(proptest::sample::select(PIECES), 0..14),
+    )
+        .prop_map(|(start, pieces)| format!("{start}{}", pieces.concat()))
+}
+
+/// `access.allow_paths`: one to three prefixes, with and without a trailing slash.
+fn allow_paths() -> impl Strategy<Value = Vec<String>> {
+    const PREFIXES: &[&str] = &["/api/", "/api", "/api/v1/", "/api/v1/docs/", "/v1/", "/ap"];
+    proptest::collection::vec(proptest::sample::select(PREFIXES).prop_map(str::to_owned), 1..4)
+}
+
+#[test]
+fn the_reference_resolution_follows_the_rfc_examples() {
+    // RFC 3986 §5.2.4's own walk-throughs, and the attacks of issue 9.
+    assert_eq!(remove_dot_segments("/a/b/c/./../../g"), "/a/g");
+    assert_eq!(remove_dot_segments("mid/content=5/../6"), "mid/6");
+    assert_eq!(remove_dot_segments("/api/../admin"), "/admin");
+    assert_eq!(remove_dot_segments(&decode_unreserved("/api/%2e%2E/admin")), "/admin");
+    assert_eq!(remove_dot_segments("/api/.well-known"), "/api/.well-known");
+    assert_eq!(decode_unreserved("/%61pi/%2F%7e"), "/api/%2F~");
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// No path that passes the path check resolves (RFC 3986 §5.2.4, after decoding unreserved escapes)
+    /// outside the allowed prefixes: `allow_paths` cannot be walked out of.
+    #[test]
+    fn no_allowed_path_resolves_outside_the_allowed_prefixes(path in request_path(), allow in allow_paths()) {
+        if check_path(&path, &allow).is_ok() {
+            let resolved = remove_dot_segments(&decode_unreserved(&path));
+            prop_assert!(
+                allow.iter().any(|p| resolved.starts_with(&decode_unreserved(p))),
+                "{:?} passed the check for {:?} but resolves to {:?}", path, allow, resolved
+            );
+        }
+    }
+
+    /// A path the rule finds no dot segment in resolves to itself: what the prefix check saw is what the
+    /// upstream routes on.
+    #[test]
+    fn paths_without_dot_segments_resolve_to_themselves(path in request_path()) {
+        let decoded = decode_unreserved(&path);
+        if !has_dot_segment(&path) {
+            prop_assert_eq!(remove_dot_segments(&decoded), decoded, "from {:?}", path);
+        }
+    }
+
+    /// A path the rule refuses really holds a dot segment once decoded, or a `.`/`..` between encoded slashes
+    /// or backslashes (the defence in depth): the rule refuses nothing else.
+    #[test]
+    fn refused_paths_hold_a_dot_segment(path in request_path()) {
+        if has_dot_segment(&path) {
+            let decoded = decode_unreserved(&path)
+                .replace("%2F", "/").replace("%2f", "/").replace("%5C", "/").replace("%5c", "/").replace('\\', "/");
+            prop_assert!(decoded.split('/').any(|s| s == "." || s == ".."), "{:?} refused", path);
         }
     }
 }

@@ -128,6 +128,9 @@ impl AuthClient {
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .tcp_nodelay(true)
+            // Auth calls come minutes apart: an idle connection kept between them only outlives `run` (its
+            // task is not ours to close) and meets servers that closed it meanwhile.
+            .pool_max_idle_per_host(0)
             .user_agent(concat!("zapsign-proxy/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| AuthError::Network(format!("cannot build the HTTP client: {e}")))?;
