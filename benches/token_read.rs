@@ -4,7 +4,8 @@
 
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::HeaderValue;

@@ -6,7 +6,8 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use crate::auth::client::{AuthError, Issued};
 use crate::auth::holder::{Readiness, TokenHolder};

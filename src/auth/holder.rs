@@ -1,13 +1,18 @@
 //! The token holder: the current `Authorization` header value behind an `arc-swap`, so the per-request cost is
 //! one atomic load and a reference-count increment. Renewals swap a new, ready-made value in; readers never
 //! block and never see a half-written token.
+//!
+//! Times are tokio's `Instant` (the real clock outside tests), so a test that pauses tokio's clock moves token
+//! expiry together with the renewer's schedule. The caller passes `now` in: the proxy reads the clock once per
+//! request and the holder never reads it on the request path.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use http::HeaderValue;
+use tokio::time::Instant;
 
 use crate::error::ProxyError;
 use crate::headers::bearer_value;

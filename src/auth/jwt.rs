@@ -20,7 +20,8 @@ pub fn exp_claim(token: &str) -> Option<f64> {
     claims.get("exp")?.as_f64().filter(|e| e.is_finite() && *e > 0.0)
 }
 
-/// How long a token just received stays valid, from its `exp` and our clock.
+/// How long a token just received stays valid, from its `exp` and our wall clock `now` (the renewer passes its
+/// injected clock, so tests choose it; this module reads no clock itself).
 ///
 /// Clock skew is tolerated: an `exp` already in the past (our clock runs ahead of ZapSign's) or implausibly far
 /// away (beyond 10× the documented lifetime) is not trusted, and the documented lifetime applies; the 401 replay

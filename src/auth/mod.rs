@@ -2,6 +2,7 @@
 //! the ZapSign login/refresh client and the refresher task that keeps the holder filled.
 
 pub mod client;
+pub mod clock;
 pub mod holder;
 pub mod jwt;
 pub mod renewer;

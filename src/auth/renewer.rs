@@ -9,28 +9,26 @@
 //! A token ZapSign refused (401) is never handed back for a replay: [`Renewer::renew`] answers a refusal with a
 //! newer token or a 503, and drops the refused token from the holder when no newer one can be had.
 //!
-//! The clock is tokio's (the real one in production), so the tests drive backoff and timeouts on paused time.
+//! Time is read through tokio's clock (the real one in production) and an injected [`WallClock`] for the JWT
+//! `exp` claims, so the tests drive the schedule, backoff and timeouts on paused time (`renewer/tests.rs`).
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::{watch, Mutex, Notify};
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::client::{AuthCalls, AuthClient, AuthError, Credentials, Issued};
+use super::clock::{SystemClock, WallClock};
 use super::holder::{Token, TokenHolder};
 use super::jwt::{lifetime, renew_after, ACCESS_FALLBACK, REFRESH_FALLBACK};
 use crate::error::ProxyError;
 use crate::headers::bearer_value;
 use crate::metrics::Metrics;
 use crate::secret::Secret;
-
-/// Now, on tokio's clock: the same as `Instant::now()` unless a test paused time.
-fn now() -> Instant {
-    tokio::time::Instant::now().into_std()
-}
 
 /// Why a renewal is asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +98,8 @@ pub struct Renewer<C = AuthClient> {
     state: Mutex<State>,
     wake: Notify,
     metrics: Arc<Metrics>,
+    /// The wall clock the tokens' `exp` claims are read against ([`SystemClock`] outside tests).
+    wall: Box<dyn WallClock>,
 }
 
 impl<C: AuthCalls> Renewer<C> {
@@ -122,12 +122,20 @@ impl<C: AuthCalls> Renewer<C> {
             state: Mutex::new(State {
                 refresh: None,
                 backoff: Backoff::default(),
-                next_attempt: now(),
+                next_attempt: Instant::now(),
                 renew_at: None,
             }),
             wake: Notify::new(),
             metrics,
+            wall: Box::new(SystemClock),
         }
+    }
+
+    /// The same renewer reading `exp` claims against `wall` instead of the system clock: tests pass one that
+    /// follows tokio's paused time.
+    pub fn with_wall_clock(mut self, wall: impl WallClock) -> Self {
+        self.wall = Box::new(wall);
+        self
     }
 
     /// `auth.timeout`: also how long a request may wait for its body to come back for a replay.
@@ -141,8 +149,9 @@ impl<C: AuthCalls> Renewer<C> {
         let mut st = self.state.lock().await;
         st.refresh = None;
         st.backoff.reset();
-        st.next_attempt = now();
-        st.renew_at = Some(now());
+        let now = Instant::now();
+        st.next_attempt = now;
+        st.renew_at = Some(now);
         drop(st);
         self.wake.notify_one();
     }
@@ -175,8 +184,7 @@ impl<C: AuthCalls> Renewer<C> {
                 "ZapSign refused the current token and no newer one can be had yet; callers get 503 until a renewal succeeds"
             );
         }
-        let now = now();
-        match self.holder.bearer(now) {
+        match self.holder.bearer(Instant::now()) {
             Ok(token) if token.generation > refused => Ok(token),
             Ok(_) => Err(ProxyError::TokenUnavailable {
                 reason: "ZapSign refused the token and no newer one is available yet".to_owned(),
@@ -187,7 +195,7 @@ impl<C: AuthCalls> Renewer<C> {
     }
 
     async fn renew_locked(&self, st: &mut State, trigger: Trigger) -> Result<Arc<Token>, ProxyError> {
-        let now = now();
+        let now = Instant::now();
         if let Some(token) = self.holder.valid_token(now) {
             let stale = match trigger {
                 // Generations only grow: the named one or an older one is not worth keeping.
@@ -204,7 +212,7 @@ impl<C: AuthCalls> Renewer<C> {
         match self.attempt(st).await {
             Ok(token) => Ok(token),
             Err(err) => {
-                let now = self::now();
+                let now = Instant::now();
                 let gap = st.backoff.next(&err);
                 st.next_attempt = now + gap;
                 let reason = format!("{err}");
@@ -229,7 +237,7 @@ impl<C: AuthCalls> Renewer<C> {
 
     /// One renewal: refresh while a live refresh token is held, else (or when refresh is refused) log in.
     async fn attempt(&self, st: &mut State) -> Result<Arc<Token>, AuthError> {
-        let now = now();
+        let now = Instant::now();
         if let Some(refresh) = st.refresh.as_ref().filter(|r| r.expires_at > now) {
             let result = self.bounded(self.client.refresh(&refresh.token)).await;
             self.metrics.renewal("refresh", &result);
@@ -251,7 +259,7 @@ impl<C: AuthCalls> Renewer<C> {
 
     /// Swaps the new access token into the holder and schedules its renewal.
     fn store(&self, st: &mut State, issued: Issued) -> Arc<Token> {
-        let (now, wall) = (now(), SystemTime::now());
+        let (now, wall) = (Instant::now(), self.wall.now());
         let (life, from_exp) = lifetime(issued.access.expose(), wall, ACCESS_FALLBACK);
         if !from_exp {
             warn!(assumed = ?life, "access token has no usable `exp` (missing, or clock skew); assuming the documented lifetime");
@@ -283,17 +291,17 @@ impl<C: AuthCalls> Renewer<C> {
         loop {
             let due = {
                 let st = self.state.lock().await;
-                match (self.holder.valid_token(now()), st.renew_at) {
+                match (self.holder.valid_token(Instant::now()), st.renew_at) {
                     (Some(_), Some(at)) => at.max(st.next_attempt),
                     _ => st.next_attempt,
                 }
             };
             tokio::select! {
-                _ = tokio::time::sleep_until(due.into()) => {}
+                _ = tokio::time::sleep_until(due) => {}
                 _ = self.wake.notified() => continue,
                 _ = crate::server::stopped(&mut shutdown) => return,
             }
-            let trigger = match self.holder.valid_token(now()) {
+            let trigger = match self.holder.valid_token(Instant::now()) {
                 Some(t) => Trigger::Scheduled(t.generation),
                 None => Trigger::Missing,
             };
@@ -303,249 +311,4 @@ impl<C: AuthCalls> Renewer<C> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::collections::VecDeque;
-
-    /// What the scripted ZapSign does on the next auth call.
-    #[derive(Debug)]
-    enum Next {
-        /// Hands out a new access token (and, on login, a refresh token).
-        Token,
-        /// Fails.
-        Fail(AuthError),
-        /// Never answers.
-        Hang,
-    }
-
-    /// An auth client that follows a script and records which calls were made.
-    #[derive(Debug, Default)]
-    struct Scripted {
-        script: std::sync::Mutex<VecDeque<Next>>,
-        calls: std::sync::Mutex<Vec<&'static str>>,
-    }
-
-    impl Scripted {
-        fn then(&self, next: Next) {
-            self.script.lock().unwrap().push_back(next);
-        }
-
-        fn calls(&self) -> Vec<&'static str> {
-            self.calls.lock().unwrap().clone()
-        }
-
-        fn answer(&self, kind: &'static str) -> impl Future<Output = Result<Issued, AuthError>> + Send + 'static {
-            let serial = {
-                let mut calls = self.calls.lock().unwrap();
-                calls.push(kind);
-                calls.len()
-            };
-            let next = self.script.lock().unwrap().pop_front();
-            async move {
-                match next {
-                    Some(Next::Token) => Ok(Issued {
-                        access: Secret::new(format!("access-{serial}")),
-                        refresh: (kind == "login").then(|| Secret::new(format!("refresh-{serial}"))),
-                    }),
-                    Some(Next::Fail(e)) => Err(e),
-                    Some(Next::Hang) => std::future::pending().await,
-                    None => panic!("unscripted {kind} call"),
-                }
-            }
-        }
-    }
-
-    impl AuthCalls for Arc<Scripted> {
-        fn login(&self, _: &Credentials) -> impl Future<Output = Result<Issued, AuthError>> + Send {
-            self.answer("login")
-        }
-
-        fn refresh(&self, _: &Secret) -> impl Future<Output = Result<Issued, AuthError>> + Send {
-            self.answer("refresh")
-        }
-    }
-
-    /// A renewer driven by a script, and what the tests look at.
-    type Rig = (
-        Arc<Renewer<Arc<Scripted>>>,
-        Arc<Scripted>,
-        Arc<TokenHolder>,
-        Arc<Metrics>,
-    );
-
-    fn renewer(timeout: Duration) -> Rig {
-        let (holder, client, metrics) = (
-            Arc::new(TokenHolder::new()),
-            Arc::new(Scripted::default()),
-            Arc::new(Metrics::new()),
-        );
-        let credentials = Credentials {
-            organization_id: "1".into(),
-            username: "u".into(),
-            password: Secret::new("p"),
-        };
-        let renewer = Renewer::new(
-            holder.clone(),
-            client.clone(),
-            credentials,
-            Duration::from_secs(300),
-            timeout,
-            metrics.clone(),
-        );
-        (Arc::new(renewer), client, holder, metrics)
-    }
-
-    fn server_error() -> AuthError {
-        AuthError::Status { status: 500 }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_refusal_during_a_backoff_gets_503_and_the_refused_token_leaves_the_holder() {
-        let (r, client, holder, _) = renewer(Duration::from_secs(10));
-        client.then(Next::Token);
-        let first = r.renew(Trigger::Missing).await.unwrap().generation;
-        // The scheduled refresh fails: a backoff opens while the old token is still valid and still injected.
-        client.then(Next::Fail(server_error()));
-        let kept = r.renew(Trigger::Scheduled(first)).await.unwrap();
-        assert_eq!(
-            kept.generation, first,
-            "a failed scheduled refresh keeps the valid token"
-        );
-        assert_eq!(client.calls(), ["login", "refresh"]);
-
-        // Now ZapSign refuses that token.
-        match r.renew(Trigger::Rejected(first)).await {
-            Err(ProxyError::TokenUnavailable { retry_after, .. }) => {
-                assert!(retry_after >= Duration::from_secs(1), "{retry_after:?}")
-            }
-            Ok(t) => panic!(
-                "generation {} handed back after generation {first} was refused",
-                t.generation
-            ),
-            Err(other) => panic!("{other:?}"),
-        }
-        assert!(holder.bearer(now()).is_err(), "the refused token is still injected");
-        assert!(
-            matches!(
-                r.renew(Trigger::Missing).await,
-                Err(ProxyError::TokenUnavailable { .. })
-            ),
-            "a request finding no token during the backoff gets 503"
-        );
-        assert!(
-            matches!(
-                r.renew(Trigger::Rejected(first)).await,
-                Err(ProxyError::TokenUnavailable { .. })
-            ),
-            "a second request refused with the same token gets 503"
-        );
-        assert_eq!(client.calls().len(), 2, "an auth call during the backoff");
-
-        // After the backoff, the next renewal brings a newer token.
-        tokio::time::advance(Duration::from_secs(2)).await;
-        client.then(Next::Token);
-        let renewed = r.renew(Trigger::Missing).await.unwrap();
-        assert!(renewed.generation > first);
-        assert_eq!(holder.bearer(now()).unwrap().generation, renewed.generation);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_refusal_whose_renewal_fails_gets_503_and_drops_the_token() {
-        let (r, client, holder, _) = renewer(Duration::from_secs(10));
-        client.then(Next::Token);
-        let first = r.renew(Trigger::Missing).await.unwrap().generation;
-        client.then(Next::Fail(server_error()));
-        assert!(matches!(
-            r.renew(Trigger::Rejected(first)).await,
-            Err(ProxyError::TokenUnavailable { .. })
-        ));
-        assert!(holder.bearer(now()).is_err());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn concurrent_refusals_share_one_renewal_and_all_get_the_newer_token() {
-        let (r, client, _, _) = renewer(Duration::from_secs(10));
-        client.then(Next::Token);
-        let first = r.renew(Trigger::Missing).await.unwrap().generation;
-        client.then(Next::Token);
-        let asks: Vec<_> = (0..5)
-            .map(|_| {
-                tokio::spawn({
-                    let r = r.clone();
-                    async move { r.renew(Trigger::Rejected(first)).await }
-                })
-            })
-            .collect();
-        for ask in asks {
-            assert!(ask.await.unwrap().unwrap().generation > first);
-        }
-        assert_eq!(client.calls(), ["login", "refresh"]);
-        // A refusal of a token already replaced costs nothing.
-        let current = r.renew(Trigger::Rejected(first)).await.unwrap();
-        assert!(current.generation > first);
-        assert_eq!(client.calls().len(), 2);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_hanging_auth_call_is_abandoned_at_auth_timeout_and_counted_as_an_error() {
-        let timeout = Duration::from_secs(1);
-        let (r, client, _, metrics) = renewer(timeout);
-        client.then(Next::Hang);
-        let start = tokio::time::Instant::now();
-        let result = tokio::time::timeout(Duration::from_secs(600), r.renew(Trigger::Missing))
-            .await
-            .expect("the hanging login held the renewal for 10 minutes");
-        assert_eq!(start.elapsed(), timeout, "abandoned after {:?}", start.elapsed());
-        let message = result.unwrap_err().to_string();
-        assert!(message.contains("auth.timeout") && message.contains("1s"), "{message}");
-        assert_eq!(metrics.renewals("login", "error"), 1);
-
-        // The same bound holds for a refresh.
-        tokio::time::advance(Duration::from_secs(2)).await;
-        client.then(Next::Token);
-        let first = r.renew(Trigger::Missing).await.unwrap().generation;
-        client.then(Next::Hang);
-        let start = tokio::time::Instant::now();
-        let kept = tokio::time::timeout(Duration::from_secs(600), r.renew(Trigger::Scheduled(first)))
-            .await
-            .expect("the hanging refresh held the renewal for 10 minutes");
-        assert_eq!(start.elapsed(), timeout);
-        assert_eq!(kept.unwrap().generation, first);
-        assert_eq!(metrics.renewals("refresh", "error"), 1);
-    }
-
-    #[test]
-    fn backoff_gaps_grow_never_shrink_and_are_capped() {
-        let mut b = Backoff::default();
-        let mut last = Duration::ZERO;
-        for i in 0..40 {
-            let gap = b.next(&AuthError::RateLimited);
-            assert!(gap >= last, "gap {i} shrank: {gap:?} < {last:?}");
-            assert!(gap <= Duration::from_secs(300));
-            last = gap;
-        }
-        assert!(last >= Duration::from_secs(150));
-        let mut b = Backoff::default();
-        let first = b.next(&AuthError::RateLimited);
-        assert!(
-            first >= Duration::from_millis(500) && first <= Duration::from_secs(1),
-            "{first:?}"
-        );
-    }
-
-    #[test]
-    fn bad_credentials_back_off_slower() {
-        let bad = AuthError::BadCredentials {
-            organization_id: "1".into(),
-            username: "u".into(),
-            url: "x".into(),
-        };
-        let mut b = Backoff::default();
-        let gaps: Vec<Duration> = (0..3).map(|_| b.next(&bad)).collect();
-        assert!(gaps[0] >= Duration::from_secs(1));
-        // At most 4 attempts in the first 8 seconds: the first three gaps add up to at least 7 s.
-        assert!(gaps.iter().sum::<Duration>() >= Duration::from_secs(7), "{gaps:?}");
-        b.reset();
-        assert!(b.next(&bad) <= Duration::from_secs(2));
-    }
-}
+mod tests;
