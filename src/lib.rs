@@ -14,7 +14,8 @@
 //! - [`replay`]: the bounded buffer that lets a request be sent again after an upstream 401.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on their own listener; [`metrics`] holds the counters.
 //! - [`error`]: the proxy's own error answers; [`secret`]: the redacting secret type.
-//! - [`mock`]: a small ZapSign stand-in for the demo, the tests and local trials.
+//! - `mock` (cargo feature `mock`, on by default): a small ZapSign stand-in for the demo, the tests and local
+//!   trials; `--no-default-features` builds the proxy without it.
 //!
 //! [`run`] takes already-bound listeners and a shutdown future, so tests and benches drive the real server
 //! in-process.
@@ -28,6 +29,7 @@ pub mod headers;
 pub mod logging;
 mod memory;
 pub mod metrics;
+#[cfg(feature = "mock")]
 pub mod mock;
 pub mod pacing;
 pub mod proxy;
