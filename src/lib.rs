@@ -15,7 +15,8 @@
 //! - [`replay`]: the bounded buffer that lets a request be sent again after an upstream 401.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on their own listener; [`metrics`] holds the counters.
 //! - [`error`]: the proxy's own error answers; [`secret`]: the redacting secret type.
-//! - [`mock`]: a small ZapSign stand-in for the demo, the tests and local trials.
+//! - `mock` (cargo feature `mock`, on by default): a small ZapSign stand-in for the demo, the tests and local
+//!   trials; `--no-default-features` builds the proxy without it.
 //! - [`tasks`]: every task `run` starts, closed and joined before `run` returns.
 //!
 //! [`run`] takes already-bound listeners and a shutdown future, so tests and benches drive the real server
@@ -31,6 +32,7 @@ pub mod headers;
 pub mod logging;
 mod memory;
 pub mod metrics;
+#[cfg(feature = "mock")]
 pub mod mock;
 pub mod pacing;
 pub mod proxy;

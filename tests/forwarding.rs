@@ -139,7 +139,7 @@ async fn post_body_is_forwarded_intact() {
     use sha2::Digest;
     assert_eq!(
         json["body_sha256"],
-        zapsign_proxy::mock::hex(&sha2::Sha256::digest(&body))
+        zapsign_proxy::secret::hex(&sha2::Sha256::digest(&body))
     );
     h.shutdown().await;
 }

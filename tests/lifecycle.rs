@@ -15,7 +15,8 @@ use common::*;
 use http::Request;
 use http_body_util::Full;
 use sha2::{Digest, Sha256};
-use zapsign_proxy::mock::{hex, MockConfig, MockZapSign};
+use zapsign_proxy::mock::{MockConfig, MockZapSign};
+use zapsign_proxy::secret::hex;
 
 /// `callers` concurrent keep-alive callers sending GETs and small POSTs for `run_for`; returns (ok, not ok)
 /// with the first few failures.

@@ -18,7 +18,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
-use zapsign_proxy::mock::{hex, pattern_byte, MockConfig, MockZapSign};
+use zapsign_proxy::mock::{pattern_byte, MockConfig, MockZapSign};
+use zapsign_proxy::secret::hex;
 
 fn run_binary(args: &[&str], config_text: Option<&str>, env: &[(&str, &str)]) -> (i32, String, String) {
     let dir = tempfile::tempdir().unwrap();
