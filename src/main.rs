@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
-use zapsign_proxy::config::{process_env, Config, ConfigError};
+use zapsign_proxy::config::{process_env, Auth, Config, ConfigError};
 use zapsign_proxy::mock::{self, MockConfig, MockZapSign};
 use zapsign_proxy::{logging, reload, Listeners};
 
@@ -186,8 +186,10 @@ fn run_proxy(mut config: Config, mode: Mode) -> anyhow::Result<()> {
                 .await
                 .context("cannot start the demo mock")?;
             let url = zapsign_proxy::config::BaseUrl::parse("upstream.url", &mock.url())?;
-            if config.auth.url.text == config.upstream.url.text {
-                config.auth.url = url.clone();
+            if let Auth::Jwt(jwt) = &mut config.auth.mode {
+                if jwt.url.text == config.upstream.url.text {
+                    jwt.url = url.clone();
+                }
             }
             config.upstream.url = url;
             Some(mock)
