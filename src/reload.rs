@@ -275,6 +275,32 @@ mod tests {
     use std::os::unix::fs::symlink;
 
     #[test]
+    fn only_the_secret_files_of_the_mode_in_use_are_watched() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, "x\n").unwrap();
+            path
+        };
+        let (password, token, keys) = (file("password"), file("token"), file("keys"));
+        let text = |mode: &str| {
+            format!(
+                "[auth]\nmode = \"{mode}\"\norganization_id = 1\nusername = \"u\"\npassword_file = \"{}\"\n\
+                 api_token_file = \"{}\"\n[access]\nclient_keys_file = \"{}\"\n",
+                password.display(),
+                token.display(),
+                keys.display()
+            )
+        };
+        let jwt = Config::from_toml(&text("jwt"), &|_| None).unwrap();
+        assert_eq!(secret_files(&jwt), [password.clone(), keys.clone()]);
+        let fixed = Config::from_toml(&text("static"), &|_| None).unwrap();
+        assert_eq!(secret_files(&fixed), [token, keys]);
+        assert!(needs_restart(&jwt, &fixed).contains(&"auth.mode"));
+        assert!(needs_restart(&jwt, &jwt).is_empty());
+    }
+
+    #[test]
     fn a_swapped_data_symlink_is_a_change_though_the_named_path_is_untouched() {
         let dir = tempfile::tempdir().unwrap();
         let at = |p: &str| dir.path().join(p);
