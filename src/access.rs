@@ -1,21 +1,109 @@
-//! The request-path and client-key rules of the access checks, as pure functions with a test per edge case.
-//! `proxy.rs` calls them in the contract's order; the property tests call the same functions.
+//! The access policy: who may call the proxy and which paths they may reach. [`AccessPolicy`] is compiled
+//! from `access.*` once (and again on each reload, swapped whole), and [`AccessPolicy::check`] runs the
+//! contract's checks in its order for every request. The path and key rules are pure functions with a test
+//! per edge case; the property tests call the same functions.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header::PROXY_AUTHORIZATION;
+use http::request::Parts;
+use ipnet::IpNet;
+
+use crate::config::{AccessConfig, ClientKey};
 use crate::error::ProxyError;
+
+/// The compiled `access.*` settings: caller networks, client keys and path prefixes.
+#[derive(Debug)]
+pub struct AccessPolicy {
+    /// Caller networks allowed (`access.allow_networks`).
+    networks: Vec<IpNet>,
+    /// Keys a caller must present one of; none required when empty.
+    client_keys: Vec<ClientKey>,
+    /// Path prefixes callers may reach (`access.allow_paths`).
+    allow_paths: Vec<String>,
+}
+
+/// Why a caller's request is refused, in the order the checks run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The caller's address is outside `access.allow_networks` (403).
+    Network,
+    /// Client keys are configured and the caller presented none, or a wrong one (407).
+    ClientKey,
+    /// The path holds a dot segment (400).
+    DotSegment,
+    /// The path is outside every `access.allow_paths` prefix (403).
+    Path,
+}
+
+impl From<Refusal> for ProxyError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::Network => ProxyError::Forbidden("the caller's address is not in access.allow_networks"),
+            Refusal::ClientKey => ProxyError::ProxyAuthRequired,
+            Refusal::DotSegment => ProxyError::BadRequest(
+                "the path holds a dot segment (`.` or `..`, plain or percent-encoded): send the resolved path",
+            ),
+            Refusal::Path => ProxyError::Forbidden("the path is not in access.allow_paths"),
+        }
+    }
+}
+
+impl AccessPolicy {
+    /// The policy `access.*` describes.
+    pub fn new(config: &AccessConfig) -> Self {
+        Self {
+            networks: config.allow_networks.clone(),
+            client_keys: config.client_keys.clone(),
+            allow_paths: config.allow_paths.clone(),
+        }
+    }
+
+    /// The contract's order: caller network (403), client key (407), dot segments in the path (400), path
+    /// (403). Returns the id of the client key presented, for the access log.
+    pub fn check(&self, parts: &Parts, peer: SocketAddr) -> Result<Option<Arc<str>>, Refusal> {
+        let ip = peer.ip().to_canonical();
+        if !self.networks.iter().any(|n| n.contains(&ip)) {
+            return Err(Refusal::Network);
+        }
+        let mut key_id = None;
+        if !self.client_keys.is_empty() {
+            let presented = parts
+                .headers
+                .get(PROXY_AUTHORIZATION)
+                .and_then(|v| bearer_key(v.as_bytes()))
+                .ok_or(Refusal::ClientKey)?;
+            // Every key is compared, so the time taken does not tell which key came close.
+            for key in &self.client_keys {
+                if key.key.constant_time_eq(presented) {
+                    key_id = Some(key.id.clone());
+                }
+            }
+            if key_id.is_none() {
+                return Err(Refusal::ClientKey);
+            }
+        }
+        // A CONNECT (authority-form) target has no path to check; the proxy refuses it with 400.
+        let Some(pq) = parts.uri.path_and_query() else {
+            return Ok(key_id);
+        };
+        check_path(pq.path(), &self.allow_paths)?;
+        Ok(key_id)
+    }
+}
 
 /// The path check of the contract: a path holding a dot segment is refused with 400 (before the prefix check,
 /// so `allow_paths` cannot be walked out of), then a path outside every `allow_paths` prefix with 403.
 ///
 /// The prefix check stays a byte comparison on the path as sent: with no dot segment left, the path the
 /// upstream resolves (RFC 3986 §5.2.4) is the path sent, so the prefix it starts with is the one checked here.
-pub fn check_path(path: &str, allow_paths: &[String]) -> Result<(), ProxyError> {
+pub fn check_path(path: &str, allow_paths: &[String]) -> Result<(), Refusal> {
     if has_dot_segment(path) {
-        return Err(ProxyError::BadRequest(
-            "the path holds a dot segment (`.` or `..`, plain or percent-encoded): send the resolved path",
-        ));
+        return Err(Refusal::DotSegment);
     }
     if !allow_paths.iter().any(|p| path.starts_with(p.as_str())) {
-        return Err(ProxyError::Forbidden("the path is not in access.allow_paths"));
+        return Err(Refusal::Path);
     }
     Ok(())
 }
@@ -180,13 +268,82 @@ mod tests {
         let allow = vec!["/api/".to_owned()];
         assert!(check_path("/api/v1/docs/", &allow).is_ok());
         assert!(check_path("/api/.well-known", &allow).is_ok());
-        let err = check_path("/api/../admin", &allow).unwrap_err();
+        let err = ProxyError::from(check_path("/api/../admin", &allow).unwrap_err());
         assert_eq!(err.status(), 400);
         assert_eq!(err.code(), "bad_request");
         // Outside the prefixes and holding a dot segment: the dot segment answers.
-        assert_eq!(check_path("/admin/../api/", &allow).unwrap_err().status(), 400);
-        assert_eq!(check_path("/admin/", &allow).unwrap_err().status(), 403);
-        assert_eq!(check_path("/admin/", &[]).unwrap_err().status(), 403);
+        assert_eq!(check_path("/admin/../api/", &allow), Err(Refusal::DotSegment));
+        assert_eq!(
+            ProxyError::from(check_path("/admin/", &allow).unwrap_err()).status(),
+            403
+        );
+        assert_eq!(check_path("/admin/", &[]), Err(Refusal::Path));
+    }
+
+    fn policy(toml: &str) -> AccessPolicy {
+        let text = format!("[auth]\nmode = \"static\"\napi_token = \"t\"\n[access]\n{toml}");
+        let config = crate::config::Config::from_toml(&text, &|_| None).unwrap();
+        AccessPolicy::new(&config.access)
+    }
+
+    fn request(path: &str, proxy_authorization: Option<&str>) -> Parts {
+        let mut req = http::Request::get(path);
+        if let Some(value) = proxy_authorization {
+            req = req.header(PROXY_AUTHORIZATION, value);
+        }
+        req.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn checks_run_network_then_key_then_dot_segment_then_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        std::fs::write(&keys, "k-1\n").unwrap();
+        let p = policy(&format!(
+            "allow_networks = [\"10.0.0.0/8\"]\nclient_keys_file = \"{}\"\n",
+            keys.display()
+        ));
+        let inside: SocketAddr = "10.1.2.3:5000".parse().unwrap();
+        let outside: SocketAddr = "192.0.2.1:5000".parse().unwrap();
+        // Each request fails every check from its own on, so the first one named is the one that runs first.
+        assert_eq!(p.check(&request("/x/../y", None), outside), Err(Refusal::Network));
+        assert_eq!(
+            p.check(&request("/x/../y", Some("Bearer no")), inside),
+            Err(Refusal::ClientKey)
+        );
+        assert_eq!(
+            p.check(&request("/x/../y", Some("Bearer k-1")), inside),
+            Err(Refusal::DotSegment)
+        );
+        assert_eq!(
+            p.check(&request("/x/y", Some("Bearer k-1")), inside),
+            Err(Refusal::Path)
+        );
+        let id = p.check(&request("/api/v1", Some("Bearer k-1")), inside).unwrap();
+        assert_eq!(id.as_deref(), Some(crate::config::ClientKey::new("k-1").id.as_ref()));
+    }
+
+    #[test]
+    fn without_client_keys_no_key_is_asked_and_none_is_named() {
+        let p = policy("");
+        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        assert_eq!(p.check(&request("/api/v1", None), local), Ok(None));
+        // An IPv4 caller on an IPv6 socket is matched as the IPv4 address it is.
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:5000".parse().unwrap();
+        assert_eq!(p.check(&request("/api/v1", None), mapped), Ok(None));
+    }
+
+    #[test]
+    fn refusals_answer_with_the_contract_statuses() {
+        for (refusal, status, code) in [
+            (Refusal::Network, 403, "forbidden"),
+            (Refusal::ClientKey, 407, "proxy_auth_required"),
+            (Refusal::DotSegment, 400, "bad_request"),
+            (Refusal::Path, 403, "forbidden"),
+        ] {
+            let err = ProxyError::from(refusal);
+            assert_eq!((err.status().as_u16(), err.code()), (status, code), "{refusal:?}");
+        }
     }
 
     #[test]

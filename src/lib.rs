@@ -3,15 +3,17 @@
 //! never hold credentials.
 //!
 //! # Layout
-//! - [`config`]: the TOML file and environment overrides, validated into [`config::Config`].
+//! - [`config`]: the TOML file and environment overrides, validated once into [`config::Config`], whose types
+//!   hold exactly what the chosen mode needs.
 //! - [`server`]: the caller listener: accept loop, connection limit, HTTP/1.1 and h2c, graceful shutdown.
 //! - [`proxy`]: the per-request service: access checks, request rewriting, forwarding, error answers.
-//! - [`access`]: the path (dot segments, `allow_paths`) and client-key rules of the access checks.
+//! - [`access`]: the access policy (caller networks, client keys, paths) and its checks, swapped whole on reload.
 //! - [`headers`]: the header and query rules, as pure functions.
 //! - [`affinity`]: each caller HTTP/1.1 connection drives its own upstream connection in the same task.
 //! - [`upstream`]: the pooled hyper client over rustls towards ZapSign; [`tls`] builds its trust roots.
 //! - [`auth`]: the lock-free token holder and (JWT mode) the login/refresh machinery.
-//! - [`reload`]: re-reads the configuration on SIGHUP or when a secret file changes, and applies it live.
+//! - [`reload`]: re-reads the configuration on SIGHUP or when a secret file changes, and applies it live
+//!   (the proxy's part through `Proxy::reload`).
 //! - [`replay`]: the bounded buffer that lets a request be sent again after an upstream 401.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on their own listener; [`metrics`] holds the counters.
 //! - [`error`]: the proxy's own error answers; [`secret`]: the redacting secret type.
@@ -49,17 +51,15 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::auth::client::{AuthClient, Credentials};
+use crate::auth::client::AuthClient;
 use crate::auth::renewer::Renewer;
 use crate::auth::TokenHolder;
-use crate::config::{AuthMode, Config, ConfigError};
+use crate::config::{Auth, Config, ConfigError};
 use crate::metrics::Metrics;
-use crate::replay::ReplayBudget;
 
 /// Why the proxy could not start or keep running.
 #[derive(Debug, thiserror::Error)]
@@ -131,20 +131,14 @@ pub async fn run_with_reloads(
     if let Some(renewer) = &renewer {
         tasks.spawn(renewer.clone().run(stop_rx.clone()));
     }
-    let connector = upstream::build_connector(&config.upstream, tls);
-    let proxy = Arc::new(proxy::Proxy {
-        upstream: config.upstream.url.clone(),
-        response_timeout: config.upstream.response_timeout,
-        client: upstream::build_client(connector.clone(), tasks.clone()),
-        tasks: tasks.clone(),
-        connector,
-        holder: holder.clone(),
+    let proxy = Arc::new(proxy::Proxy::new(
+        &config,
+        tls,
+        holder.clone(),
         renewer,
-        replay_limit: config.auth.replay_buffer,
-        replay_budget: Arc::new(ReplayBudget::new(replay_budget(config.auth.replay_buffer))),
-        access: ArcSwap::from_pointee(config.access.clone()),
-        metrics: metrics.clone(),
-    });
+        metrics.clone(),
+        tasks.clone(),
+    ));
     if let Some(admin) = listeners.admin {
         info!(addr = %admin.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "admin listening");
         tasks.spawn(admin::serve(
@@ -158,14 +152,12 @@ pub async fn run_with_reloads(
     info!(
         addr = %listeners.proxy.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
         upstream = %config.upstream.url.text,
-        mode = ?config.auth.mode,
+        mode = config.auth.mode.name(),
         "proxy listening"
     );
     if let Some(reloads) = reloads {
         let live = reload::Live {
             proxy: proxy.clone(),
-            holder: holder.clone(),
-            renewer: proxy.renewer.clone(),
             tls: server_tls.clone(),
         };
         tasks.spawn(reload::apply_all(config.clone(), reloads, live));
@@ -183,72 +175,29 @@ pub async fn run_with_reloads(
     Ok(())
 }
 
-/// Bytes all requests together may keep for replays: four full replay buffers, at least 64 MiB.
-fn replay_budget(per_request: u64) -> u64 {
-    per_request.saturating_mul(4).max(64 << 20)
-}
-
 /// The token holder, and in JWT mode the renewer that fills it.
 fn token_keeper(
     config: &Config,
     tls: &rustls::ClientConfig,
     metrics: &Arc<Metrics>,
 ) -> Result<(Arc<TokenHolder>, Option<Arc<Renewer>>), ConfigError> {
-    let missing = |key: &str, fix: &str| ConfigError::Invalid {
-        key: key.into(),
-        problem: format!(
-            "missing for auth.mode = \"{}\"",
-            if config.auth.mode == AuthMode::Jwt {
-                "jwt"
-            } else {
-                "static"
-            }
-        ),
-        fix: fix.into(),
-    };
-    match config.auth.mode {
-        AuthMode::Static => {
-            let token = config.auth.api_token.as_ref().ok_or_else(|| {
-                missing(
-                    "auth.api_token",
-                    "set auth.api_token_file, auth.api_token or ZAPSIGN_API_TOKEN",
-                )
-            })?;
-            let holder = TokenHolder::with_static(token).ok_or_else(crate::error::unusable_api_token)?;
+    match &config.auth.mode {
+        Auth::Static(auth) => {
+            let holder = TokenHolder::with_static(&auth.api_token).ok_or_else(crate::error::unusable_api_token)?;
             Ok((Arc::new(holder), None))
         }
-        AuthMode::Jwt => {
-            let credentials = Credentials {
-                organization_id: config.auth.organization_id.clone().ok_or_else(|| {
-                    missing(
-                        "auth.organization_id",
-                        "set auth.organization_id or ZAPSIGN_ORGANIZATION_ID",
-                    )
-                })?,
-                username: config
-                    .auth
-                    .username
-                    .clone()
-                    .ok_or_else(|| missing("auth.username", "set auth.username or ZAPSIGN_USERNAME"))?,
-                password: config.auth.password.clone().ok_or_else(|| {
-                    missing(
-                        "auth.password",
-                        "set auth.password_file, auth.password or ZAPSIGN_PASSWORD",
-                    )
-                })?,
-            };
-            let client =
-                AuthClient::new(&config.auth, &config.upstream, tls.clone()).map_err(|e| ConfigError::Invalid {
-                    key: "auth.url".into(),
-                    problem: e.to_string(),
-                    fix: "check auth.url and upstream.ca_file".into(),
-                })?;
+        Auth::Jwt(auth) => {
+            let client = AuthClient::new(auth, &config.upstream, tls.clone()).map_err(|e| ConfigError::Invalid {
+                key: "auth.url".into(),
+                problem: e.to_string(),
+                fix: "check auth.url and upstream.ca_file".into(),
+            })?;
             let holder = Arc::new(TokenHolder::new());
             let renewer = Renewer::new(
                 holder.clone(),
                 client,
-                credentials,
-                config.auth.refresh_margin,
+                proxy::credentials(auth),
+                auth.refresh_margin,
                 config.auth.timeout,
                 metrics.clone(),
             );

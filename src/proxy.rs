@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use bytes::Bytes;
-use http::header::{HOST, PROXY_AUTHORIZATION};
+use http::header::HOST;
 use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
@@ -19,10 +19,11 @@ use tracing::{info, info_span, warn, Instrument};
 
 use arc_swap::ArcSwap;
 
+use crate::access::AccessPolicy;
 use crate::affinity::{Affinity, Miss};
 use crate::auth::renewer::{Renewer, Trigger};
 use crate::auth::{Token, TokenHolder};
-use crate::config::{AccessConfig, BaseUrl};
+use crate::config::BaseUrl;
 use crate::error::UpstreamFailure;
 use crate::error::{error_chain, ProxyError};
 use crate::headers::{
@@ -31,36 +32,41 @@ use crate::headers::{
 };
 use crate::metrics::Metrics;
 use crate::replay::{ForwardBody, ReplayBudget, Returned};
+use crate::tasks::Tasks;
 use crate::upstream::{classify, Connector, UpstreamClient};
+
+mod setup;
+
+pub(crate) use setup::credentials;
 
 /// The body of every response the proxy sends: the upstream's, streamed, or the proxy's own JSON error.
 pub type ResponseBody = Either<Incoming, Full<Bytes>>;
 
-/// State shared by every request; built once at start.
+/// State shared by every request; built once at start by [`Proxy::new`], changed only by [`Proxy::reload`].
 pub struct Proxy {
     /// Where requests go.
-    pub(crate) upstream: BaseUrl,
+    upstream: BaseUrl,
     /// `upstream.response_timeout`.
-    pub(crate) response_timeout: Duration,
+    response_timeout: Duration,
     /// The pooled upstream client.
-    pub(crate) client: UpstreamClient<ForwardBody>,
+    client: UpstreamClient<ForwardBody>,
     /// Opens affine upstream connections; knows whether the upstream negotiated HTTP/2 (then affinity is
     /// pointless: the pool multiplexes).
-    pub(crate) connector: Connector,
+    connector: Connector,
     /// The current token.
-    pub(crate) holder: Arc<TokenHolder>,
+    holder: Arc<TokenHolder>,
     /// JWT mode: renews tokens; `None` in static mode, where a 401 passes through.
-    pub(crate) renewer: Option<Arc<Renewer>>,
+    renewer: Option<Arc<Renewer>>,
     /// `auth.replay_buffer`.
-    pub(crate) replay_limit: u64,
+    replay_limit: u64,
     /// Bytes kept for replays across all requests.
-    pub(crate) replay_budget: Arc<ReplayBudget>,
+    replay_budget: Arc<ReplayBudget>,
     /// Caller checks; swapped whole on reload.
-    pub(crate) access: ArcSwap<AccessConfig>,
+    access: ArcSwap<AccessPolicy>,
     /// Counters.
-    pub(crate) metrics: Arc<Metrics>,
+    metrics: Arc<Metrics>,
     /// Where the proxy starts background work (a renewal after an unreplayable 401), so it ends with `run`.
-    pub(crate) tasks: crate::tasks::Tasks,
+    tasks: Tasks,
 }
 
 /// What a caller connection gives each of its requests; built once per connection.
@@ -189,7 +195,7 @@ impl Proxy {
         request_id: &HeaderValue,
         outcome: &mut Outcome<'_>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        outcome.key_id = self.check_access(&parts, conn.peer)?;
+        outcome.key_id = self.access.load().check(&parts, conn.peer)?;
         let path_and_query = self.target(&parts)?;
         let token = self.token(now).await?;
         let caller_host = caller_host(&parts);
@@ -362,41 +368,6 @@ impl Proxy {
                 classify(e)
             }
         })
-    }
-
-    /// The contract's order: caller network (403), client key (407), dot segments in the path (400), path
-    /// (403). Returns the id of the client key presented, for the access log.
-    fn check_access(&self, parts: &Parts, peer: SocketAddr) -> Result<Option<Arc<str>>, ProxyError> {
-        let access = self.access.load();
-        let ip = peer.ip().to_canonical();
-        if !access.allow_networks.iter().any(|n| n.contains(&ip)) {
-            return Err(ProxyError::Forbidden(
-                "the caller's address is not in access.allow_networks",
-            ));
-        }
-        let mut key_id = None;
-        if !access.client_keys.is_empty() {
-            let presented = parts
-                .headers
-                .get(PROXY_AUTHORIZATION)
-                .and_then(|v| crate::access::bearer_key(v.as_bytes()))
-                .ok_or(ProxyError::ProxyAuthRequired)?;
-            // Every key is compared, so the time taken does not tell which key came close.
-            for key in &access.client_keys {
-                if key.key.constant_time_eq(presented) {
-                    key_id = Some(key.id.clone());
-                }
-            }
-            if key_id.is_none() {
-                return Err(ProxyError::ProxyAuthRequired);
-            }
-        }
-        // A CONNECT (authority-form) target has no path to check; `target` refuses it with 400.
-        let Some(pq) = parts.uri.path_and_query() else {
-            return Ok(key_id);
-        };
-        crate::access::check_path(pq.path(), &access.allow_paths)?;
-        Ok(key_id)
     }
 
     /// The path and query to send upstream. Refuses `CONNECT` and absolute-form targets naming any other

@@ -18,11 +18,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tracing::{error, info, warn};
 
-use crate::auth::client::Credentials;
-use crate::auth::renewer::Renewer;
-use crate::auth::TokenHolder;
-use crate::config::{AuthMode, Config, ConfigError};
-use crate::headers::bearer_value;
+use crate::config::{Auth, Config, ConfigError, ServerTls};
 use crate::proxy::Proxy;
 use crate::server::TlsCell;
 
@@ -31,9 +27,9 @@ pub type Reloads = mpsc::Receiver<Config>;
 
 /// What a reload can reach.
 pub(crate) struct Live {
+    /// Access policy, tokens and credentials: applied by [`Proxy::reload`].
     pub(crate) proxy: Arc<Proxy>,
-    pub(crate) holder: Arc<TokenHolder>,
-    pub(crate) renewer: Option<Arc<Renewer>>,
+    /// The caller-facing TLS identity, when the proxy serves HTTPS.
     pub(crate) tls: TlsCell,
 }
 
@@ -51,46 +47,18 @@ pub(crate) async fn apply_all(mut running: Config, mut reloads: Reloads, live: L
 }
 
 async fn apply(running: &Config, next: &Config, live: &Live) -> Result<(), ConfigError> {
-    // Everything that can fail is prepared before anything changes.
-    let tls = match (&live.tls, &next.server.tls_cert_file, &next.server.tls_key_file) {
-        (Some(_), Some(cert), Some(key)) => Some(TlsAcceptor::from(Arc::new(crate::tls::server_config(cert, key)?))),
-        _ => None,
-    };
-    let static_header = match (next.auth.mode, &next.auth.api_token) {
-        (AuthMode::Static, Some(token)) if running.auth.api_token.as_ref() != Some(token) => {
-            Some(bearer_value(token.expose()).ok_or_else(crate::error::unusable_api_token)?)
-        }
+    // Everything that can fail is prepared before anything changes: the TLS identity here, the static token
+    // inside `Proxy::reload` before it changes anything, and the identity is stored only once that succeeded.
+    let tls = match (&live.tls, &next.server.tls) {
+        (Some(_), Some(files)) => Some(acceptor(files)?),
         _ => None,
     };
     for key in needs_restart(running, next) {
         warn!(key, "changed in the file but takes effect only after a restart");
     }
+    live.proxy.reload(running, next).await?;
     if let (Some(cell), Some(acceptor)) = (&live.tls, tls) {
         cell.store(Arc::new(acceptor));
-    }
-    live.proxy.access.store(Arc::new(next.access.clone()));
-    if let Some(header) = static_header {
-        live.holder.store(header, None);
-        info!("new static API token in use");
-    }
-    if let (Some(renewer), AuthMode::Jwt) = (&live.renewer, next.auth.mode) {
-        let changed = running.auth.organization_id != next.auth.organization_id
-            || running.auth.username != next.auth.username
-            || running.auth.password != next.auth.password;
-        if changed {
-            if let (Some(organization_id), Some(username), Some(password)) =
-                (&next.auth.organization_id, &next.auth.username, &next.auth.password)
-            {
-                info!("new login credentials; logging in with them");
-                renewer
-                    .set_credentials(Credentials {
-                        organization_id: organization_id.clone(),
-                        username: username.clone(),
-                        password: password.clone(),
-                    })
-                    .await;
-            }
-        }
     }
     Ok(())
 }
@@ -105,10 +73,7 @@ fn needs_restart(a: &Config, b: &Config) -> Vec<&'static str> {
     };
     check("server.listen", a.server.listen != b.server.listen);
     check("server.workers", a.server.workers != b.server.workers);
-    check(
-        "server.tls_cert_file",
-        a.server.tls_cert_file.is_some() != b.server.tls_cert_file.is_some(),
-    );
+    check("server.tls_cert_file", a.server.tls.is_some() != b.server.tls.is_some());
     check(
         "server.header_read_timeout",
         a.server.header_read_timeout != b.server.header_read_timeout,
@@ -132,9 +97,11 @@ fn needs_restart(a: &Config, b: &Config) -> Vec<&'static str> {
         a.upstream.response_timeout != b.upstream.response_timeout,
     );
     check("upstream.ca_file", a.upstream.ca_file != b.upstream.ca_file);
-    check("auth.mode", a.auth.mode != b.auth.mode);
-    check("auth.url", a.auth.url.text != b.auth.url.text);
-    check("auth.refresh_margin", a.auth.refresh_margin != b.auth.refresh_margin);
+    check("auth.mode", a.auth.mode.name() != b.auth.mode.name());
+    if let (Auth::Jwt(old), Auth::Jwt(new)) = (&a.auth.mode, &b.auth.mode) {
+        check("auth.url", old.url.text != new.url.text);
+        check("auth.refresh_margin", old.refresh_margin != new.refresh_margin);
+    }
     check("auth.replay_buffer", a.auth.replay_buffer != b.auth.replay_buffer);
     check("auth.timeout", a.auth.timeout != b.auth.timeout);
     check("log.format", a.log.format != b.log.format);
@@ -149,17 +116,17 @@ pub const SECRET_POLL: Duration = Duration::from_secs(2);
 /// The secret files `config` names that are re-read when they change on disk (CONTRACT.md, Signals).
 /// `upstream.ca_file` is not one: a new CA needs a restart, and `shared.*` does not exist yet.
 pub fn secret_files(config: &Config) -> Vec<PathBuf> {
-    [
-        &config.auth.password_file,
-        &config.auth.api_token_file,
-        &config.access.client_keys_file,
-        &config.server.tls_cert_file,
-        &config.server.tls_key_file,
-    ]
-    .into_iter()
-    .flatten()
-    .cloned()
-    .collect()
+    let auth_file = match &config.auth.mode {
+        Auth::Jwt(jwt) => &jwt.password_file,
+        Auth::Static(token) => &token.api_token_file,
+    };
+    let tls_files = config.server.tls.iter().flat_map(|tls| [&tls.cert_file, &tls.key_file]);
+    auth_file
+        .iter()
+        .chain(&config.access.client_keys_file)
+        .chain(tls_files)
+        .cloned()
+        .collect()
 }
 
 /// What each watched file holds: a digest of its content, `None` while it cannot be read. The content and not
@@ -290,19 +257,48 @@ where
 
 /// A cell for the caller-facing TLS identity, when `server.tls_*` is set.
 pub(crate) fn tls_cell(config: &Config) -> Result<TlsCell, ConfigError> {
-    match (&config.server.tls_cert_file, &config.server.tls_key_file) {
-        (Some(cert), Some(key)) => {
-            let acceptor = TlsAcceptor::from(Arc::new(crate::tls::server_config(cert, key)?));
-            Ok(Some(Arc::new(ArcSwap::from_pointee(acceptor))))
-        }
-        _ => Ok(None),
+    match &config.server.tls {
+        Some(files) => Ok(Some(Arc::new(ArcSwap::from_pointee(acceptor(files)?)))),
+        None => Ok(None),
     }
+}
+
+/// The TLS acceptor for the identity in `files`.
+fn acceptor(files: &ServerTls) -> Result<TlsAcceptor, ConfigError> {
+    let config = crate::tls::server_config(&files.cert_file, &files.key_file)?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    #[test]
+    fn only_the_secret_files_of_the_mode_in_use_are_watched() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, "x\n").unwrap();
+            path
+        };
+        let (password, token, keys) = (file("password"), file("token"), file("keys"));
+        let text = |mode: &str| {
+            format!(
+                "[auth]\nmode = \"{mode}\"\norganization_id = 1\nusername = \"u\"\npassword_file = \"{}\"\n\
+                 api_token_file = \"{}\"\n[access]\nclient_keys_file = \"{}\"\n",
+                password.display(),
+                token.display(),
+                keys.display()
+            )
+        };
+        let jwt = Config::from_toml(&text("jwt"), &|_| None).unwrap();
+        assert_eq!(secret_files(&jwt), [password.clone(), keys.clone()]);
+        let fixed = Config::from_toml(&text("static"), &|_| None).unwrap();
+        assert_eq!(secret_files(&fixed), [token, keys]);
+        assert!(needs_restart(&jwt, &fixed).contains(&"auth.mode"));
+        assert!(needs_restart(&jwt, &jwt).is_empty());
+    }
 
     #[test]
     fn a_swapped_data_symlink_is_a_change_though_the_named_path_is_untouched() {

@@ -3,10 +3,10 @@
 
 use std::path::Path;
 
-use zapsign_proxy::config::{ClientKey, Config};
+use zapsign_proxy::config::{Auth, ClientKey, Config};
 use zapsign_proxy::secret::Secret;
 
-/// The variables `config.rs` reads, in the order the `\0`-separated values after the TOML text fill them.
+/// The variables `src/config/env.rs` reads, in the order the `\0`-separated values after the TOML text fill them.
 const ENV_NAMES: &[&str] = &[
     "ZAPSIGN_PASSWORD",
     "ZAPSIGN_API_TOKEN",
@@ -28,7 +28,7 @@ const SECRETS: &[(&str, &str, &str)] = &[
     ("access.client_keys", "client_keys_file", "ZAPSIGN_PROXY_CLIENT_KEYS"),
 ];
 
-/// The keys `config.rs` opens as files.
+/// The keys `src/config` opens as files.
 const FILE_KEYS: &[(&str, &str)] = &[
     ("server", "tls_cert_file"),
     ("server", "tls_key_file"),
@@ -71,8 +71,10 @@ fn files_are_harmless(text: &str) -> bool {
 fn with_other_secrets(config: &Config) -> Config {
     let other = || Secret::new("\u{1}other-secret\u{1}");
     let mut c = config.clone();
-    c.auth.password = c.auth.password.as_ref().map(|_| other());
-    c.auth.api_token = c.auth.api_token.as_ref().map(|_| other());
+    match &mut c.auth.mode {
+        Auth::Jwt(jwt) => jwt.password = other(),
+        Auth::Static(token) => token.api_token = other(),
+    }
     c.access.client_keys = c
         .access
         .client_keys
@@ -124,10 +126,11 @@ fn check_one(text: &str, env: &dyn Fn(&str) -> Option<String>) {
                 access.get("client_keys").is_none(),
                 "access.client_keys rendered: {rendered}"
             );
-            // Where a secret is set, the rendering says where from: its file key, or a comment.
+            // Where a secret is set, the rendering says where from: its file key, or a comment. Each mode holds
+            // its own secret: the password in JWT mode, the API token in static mode.
             let set = [
-                config.auth.password.is_some(),
-                config.auth.api_token.is_some(),
+                matches!(config.auth.mode, Auth::Jwt(_)),
+                matches!(config.auth.mode, Auth::Static(_)),
                 !config.access.client_keys.is_empty(),
             ];
             let mut needs_inline = false;

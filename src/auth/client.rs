@@ -10,7 +10,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde::Deserialize;
 
-use crate::config::{AuthConfig, UpstreamConfig};
+use crate::config::{JwtAuth, UpstreamConfig};
 use crate::secret::Secret;
 
 /// Tokens ZapSign handed out.
@@ -121,7 +121,7 @@ impl AuthCalls for AuthClient {
 impl AuthClient {
     /// A client for `auth.url`, trusting what `tls` trusts, with `upstream.connect_timeout` for the connect.
     /// Never follows redirects. No overall timeout here: the renewer bounds each call by `auth.timeout`.
-    pub fn new(auth: &AuthConfig, upstream: &UpstreamConfig, tls: rustls::ClientConfig) -> Result<Self, AuthError> {
+    pub fn new(auth: &JwtAuth, upstream: &UpstreamConfig, tls: rustls::ClientConfig) -> Result<Self, AuthError> {
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .connect_timeout(upstream.connect_timeout)

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::config::{process_env, BaseUrl, Config, ConfigError};
+use crate::config::{process_env, Auth, BaseUrl, Config, ConfigError};
 
 use super::service::MockZapSign;
 use super::state::{MockConfig, DEMO_API_TOKEN, DEMO_ORGANIZATION_ID, DEMO_PASSWORD, DEMO_USERNAME};
@@ -93,8 +93,10 @@ pub async fn start_stand_in(config: &mut Config) -> Result<MockZapSign, DemoErro
     };
     let mock = MockZapSign::start(mock_cfg).await.map_err(DemoError::Start)?;
     let url = BaseUrl::parse("upstream.url", &mock.url())?;
-    if config.auth.url.text == config.upstream.url.text {
-        config.auth.url = url.clone();
+    if let Auth::Jwt(jwt) = &mut config.auth.mode {
+        if jwt.url.text == config.upstream.url.text {
+            jwt.url = url.clone();
+        }
     }
     config.upstream.url = url;
     Ok(mock)
