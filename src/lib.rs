@@ -7,7 +7,8 @@
 //! - [`server`]: the caller listener: accept loop, connection limit, HTTP/1.1 and h2c, graceful shutdown.
 //! - [`proxy`]: the per-request service: access checks, request rewriting, forwarding, error answers.
 //! - [`access`]: the path (dot segments, `allow_paths`) and client-key rules of the access checks.
-//! - [`headers`]: the header and query rules, as pure functions.
+//! - [`headers`]: the header and query rules, as pure functions; [`rewrite`] applies them to a request head
+//!   in their one order (the proxy, the fuzz target and the bench call it).
 //! - [`affinity`]: each caller HTTP/1.1 connection drives its own upstream connection in the same task.
 //! - [`upstream`]: the pooled hyper client over rustls towards ZapSign; [`tls`] builds its trust roots.
 //! - [`auth`]: the lock-free token holder and (JWT mode) the login/refresh machinery.
@@ -16,7 +17,8 @@
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on their own listener; [`metrics`] holds the counters.
 //! - [`error`]: the proxy's own error answers; [`secret`]: the redacting secret type.
 //! - [`mock`]: a small ZapSign stand-in for the demo, the tests and local trials.
-//! - [`tasks`]: every task `run` starts, closed and joined before `run` returns.
+//! - [`tasks`]: every task `run` starts, closed and joined before `run` returns; [`shutdown`]: the stop
+//!   signal they and the loops watch.
 //!
 //! [`run`] takes already-bound listeners and a shutdown future, so tests and benches drive the real server
 //! in-process.
@@ -36,9 +38,11 @@ pub mod pacing;
 pub mod proxy;
 pub mod reload;
 pub mod replay;
+pub mod rewrite;
 pub mod secret;
 pub mod server;
 pub mod shared;
+pub mod shutdown;
 pub mod tasks;
 pub mod tls;
 pub mod upstream;
@@ -49,7 +53,6 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tracing::info;
 
 use crate::auth::client::{AuthClient, Credentials};
@@ -123,11 +126,11 @@ pub async fn run_with_reloads(
     let tls = tls::client_config(config.upstream.ca_file.as_deref())?;
     let server_tls = reload::tls_cell(&config)?;
     let metrics = Arc::new(Metrics::new());
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop = crate::shutdown::Shutdown::new();
     let (holder, renewer) = token_keeper(&config, &tls, &metrics)?;
     let tasks = tasks::Tasks::new();
     if let Some(renewer) = &renewer {
-        tasks.spawn(renewer.clone().run(stop_rx.clone()));
+        tasks.spawn(renewer.clone().run(stop.signal()));
     }
     let connector = upstream::build_connector(&config.upstream, tls);
     let proxy = Arc::new(proxy::Proxy {
@@ -149,7 +152,7 @@ pub async fn run_with_reloads(
             admin,
             holder.clone(),
             metrics,
-            stop_rx.clone(),
+            stop.signal(),
             tasks.clone(),
         ));
     }
@@ -168,11 +171,18 @@ pub async fn run_with_reloads(
         };
         tasks.spawn(reload::apply_all(config.clone(), reloads, live));
     }
-    let serving = server::serve(listeners.proxy, proxy, &config.server, server_tls, stop_rx, &tasks);
+    let serving = server::serve(
+        listeners.proxy,
+        proxy,
+        &config.server,
+        server_tls,
+        stop.signal(),
+        &tasks,
+    );
     let stopping = async {
         shutdown.await;
         info!("shutdown requested");
-        let _ = stop_tx.send(true);
+        stop.start();
     };
     tokio::join!(serving, stopping);
     // The drain is over (every connection closed, or `server.shutdown_grace` passed): end what is left.
