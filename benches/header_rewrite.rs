@@ -1,51 +1,57 @@
-//! The per-request header work on a realistic caller request: request id, hop-by-hop removal (with a
-//! `Connection` list), the injected token, Host, forwarding headers, and the `api_token` query rule. This is
-//! the proxy's own logic on the hot path; everything else is hyper and the kernel.
+//! The per-request rewrite on a realistic caller request, as the proxy runs it: the request id, then the
+//! production [`rewrite_head`] (target check and `api_token` rule, hop-by-hop removal with a `Connection` list,
+//! the injected token, Host, forwarding headers). This is the proxy's own logic on the hot path; everything
+//! else is hyper and the kernel. The `query/*` benches isolate the `api_token` rule.
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use http::header::{HeaderMap, HeaderName, HeaderValue, HOST};
-use zapsign_proxy::headers::{
-    bearer_value, ensure_request_id, remove_hop_by_hop, set_authorization, set_forwarding, strip_api_token,
-};
+use http::request::Parts;
+use http::{HeaderValue, Method, Request, Version};
+use zapsign_proxy::config::BaseUrl;
+use zapsign_proxy::headers::{bearer_value, client_value, ensure_request_id, strip_api_token};
+use zapsign_proxy::rewrite::{rewrite_head, upstream_target, RewriteContext};
 
-fn caller_headers(with_hop: bool) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    let mut add = |k: &'static str, v: &'static str| {
-        h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
-    };
-    add("host", "zapsign-proxy.internal:8080");
-    add("user-agent", "zapsign-python/1.4.2");
-    add("accept", "application/json");
-    add("content-type", "application/json");
-    add("content-length", "312");
-    add("authorization", "Bearer stale-caller-token");
+fn caller_head(with_hop: bool) -> Parts {
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri("/api/v1/docs/?page=2")
+        .version(Version::HTTP_11)
+        .header("host", "zapsign-proxy.internal:8080")
+        .header("user-agent", "zapsign-python/1.4.2")
+        .header("accept", "application/json")
+        .header("content-type", "application/json")
+        .header("content-length", "312")
+        .header("authorization", "Bearer stale-caller-token");
     if with_hop {
-        add("connection", "keep-alive, x-trace-hop");
-        add("x-trace-hop", "1");
-        add("keep-alive", "timeout=5");
+        req = req
+            .header("connection", "keep-alive, x-trace-hop")
+            .header("x-trace-hop", "1")
+            .header("keep-alive", "timeout=5");
     }
-    h
+    req.body(()).unwrap().into_parts().0
 }
 
 fn header_rewrite(c: &mut Criterion) {
     let bearer = bearer_value(&"t".repeat(200)).unwrap();
-    let upstream_host = HeaderValue::from_static("api.zapsign.com.br");
-    let client = "10.1.2.3".parse().unwrap();
+    let upstream = BaseUrl::parse("upstream.url", "https://api.zapsign.com.br").unwrap();
+    // Built once per caller connection in the proxy.
+    let client: HeaderValue = client_value("10.1.2.3".parse().unwrap());
     for (name, with_hop) in [("plain", false), ("with_connection_list", true)] {
-        let template = caller_headers(with_hop);
         c.bench_function(&format!("header_rewrite/{name}"), |b| {
             b.iter_batched(
-                || template.clone(),
-                |mut h| {
-                    let id = ensure_request_id(&mut h);
-                    let caller_host = h.get(HOST).cloned();
-                    remove_hop_by_hop(&mut h);
-                    set_authorization(&mut h, &bearer);
-                    h.insert(HOST, upstream_host.clone());
-                    set_forwarding(&mut h, client, "http", caller_host);
-                    black_box((h, id))
+                || caller_head(with_hop),
+                |mut parts| {
+                    let id = ensure_request_id(&mut parts.headers);
+                    let target = upstream_target(&parts, &upstream).unwrap();
+                    let ctx = RewriteContext {
+                        authorization: &bearer,
+                        client: &client,
+                        proto: "http",
+                        request_id: &id,
+                    };
+                    rewrite_head(&mut parts, target, &ctx);
+                    black_box((parts, id))
                 },
                 criterion::BatchSize::SmallInput,
             )

@@ -14,22 +14,21 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tracing::warn;
 
 use crate::auth::holder::Readiness;
 use crate::auth::TokenHolder;
-use crate::metrics::Metrics;
-use crate::server::stopped;
+use crate::metrics::{Metrics, TokenExpiry};
+use crate::shutdown::ShutdownSignal;
 use crate::tasks::Tasks;
 
-/// Serves admin requests until `shutdown` turns true. Connections are spawned on `tasks`: a scraper's
+/// Serves admin requests until `shutdown` starts. Connections are spawned on `tasks`: a scraper's
 /// keep-alive connection still answers while callers drain, and is closed when `run` closes its tasks.
 pub async fn serve(
     listener: TcpListener,
     holder: Arc<TokenHolder>,
     metrics: Arc<Metrics>,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: ShutdownSignal,
     tasks: Tasks,
 ) {
     let mut builder = http1::Builder::new();
@@ -44,7 +43,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = stopped(&mut shutdown) => return,
+            () = shutdown.stopped() => return,
         };
         let (holder, metrics) = (holder.clone(), metrics.clone());
         let conn = builder.serve_connection(
@@ -65,7 +64,7 @@ fn route<B>(req: &Request<B>, holder: &TokenHolder, metrics: &Metrics) -> Respon
         "/healthz" => json(StatusCode::OK, serde_json::json!({ "status": "ok" })),
         "/readyz" => readyz(holder),
         "/metrics" => {
-            let mut resp = Response::new(Full::new(Bytes::from(metrics.render(holder))));
+            let mut resp = Response::new(Full::new(Bytes::from(metrics.render(token_expiry(holder)))));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -76,6 +75,15 @@ fn route<B>(req: &Request<B>, holder: &TokenHolder, metrics: &Metrics) -> Respon
             StatusCode::NOT_FOUND,
             serde_json::json!({ "error": "not_found", "message": "admin paths: /healthz, /readyz, /metrics" }),
         ),
+    }
+}
+
+/// The token's time left, for `zapsign_proxy_token_expires_in_seconds`.
+fn token_expiry(holder: &TokenHolder) -> TokenExpiry {
+    match holder.readiness(Instant::now()) {
+        Readiness::Ready { expires_in: Some(left) } => TokenExpiry::In(left),
+        Readiness::Ready { expires_in: None } => TokenExpiry::Never,
+        Readiness::NotReady(_) => TokenExpiry::NoToken,
     }
 }
 

@@ -25,7 +25,7 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// What went wrong towards the upstream, a low-cardinality label.
+/// What went wrong towards the upstream (a response timeout is [`ProxyError::UpstreamTimeout`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamFailure {
     /// TCP connect refused, unreachable or timed out, or the TLS handshake failed.
@@ -34,8 +34,17 @@ pub enum UpstreamFailure {
     Protocol,
 }
 
+impl From<UpstreamFailure> for crate::metrics::UpstreamErrorKind {
+    fn from(kind: UpstreamFailure) -> Self {
+        match kind {
+            UpstreamFailure::Connect => Self::Connect,
+            UpstreamFailure::Protocol => Self::Protocol,
+        }
+    }
+}
+
 impl UpstreamFailure {
-    /// The metrics label.
+    /// The word for the error message.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Connect => "connect",

@@ -8,7 +8,8 @@
 //! - [`server`]: the caller listener: accept loop, connection limit, HTTP/1.1 and h2c, graceful shutdown.
 //! - [`proxy`]: the per-request service: access checks, request rewriting, forwarding, error answers.
 //! - [`access`]: the access policy (caller networks, client keys, paths) and its checks, swapped whole on reload.
-//! - [`headers`]: the header and query rules, as pure functions.
+//! - [`headers`]: the header and query rules, as pure functions; [`rewrite`] applies them to a request head
+//!   in their one order (the proxy, the fuzz target and the bench call it).
 //! - [`affinity`]: each caller HTTP/1.1 connection drives its own upstream connection in the same task.
 //! - [`upstream`]: the pooled hyper client over rustls towards ZapSign; [`tls`] builds its trust roots.
 //! - [`auth`]: the lock-free token holder and (JWT mode) the login/refresh machinery.
@@ -19,7 +20,8 @@
 //! - [`error`]: the proxy's own error answers; [`secret`]: the redacting secret type.
 //! - `mock` (cargo feature `mock`, on by default): a small ZapSign stand-in for the demo, the tests and local
 //!   trials; `--no-default-features` builds the proxy without it.
-//! - [`tasks`]: every task `run` starts, closed and joined before `run` returns.
+//! - [`tasks`]: every task `run` starts, closed and joined before `run` returns; [`shutdown`]: the stop
+//!   signal they and the loops watch.
 //!
 //! [`run`] takes already-bound listeners and a shutdown future, so tests and benches drive the real server
 //! in-process.
@@ -40,9 +42,11 @@ pub mod pacing;
 pub mod proxy;
 pub mod reload;
 pub mod replay;
+pub mod rewrite;
 pub mod secret;
 pub mod server;
 pub mod shared;
+pub mod shutdown;
 pub mod tasks;
 pub mod tls;
 pub mod upstream;
@@ -52,10 +56,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tracing::info;
 
-use crate::auth::client::AuthClient;
+use crate::auth::client::{AuthClient, Credentials};
 use crate::auth::renewer::Renewer;
 use crate::auth::TokenHolder;
 use crate::config::{Auth, Config, ConfigError};
@@ -125,11 +128,11 @@ pub async fn run_with_reloads(
     let tls = tls::client_config(config.upstream.ca_file.as_deref())?;
     let server_tls = reload::tls_cell(&config)?;
     let metrics = Arc::new(Metrics::new());
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop = crate::shutdown::Shutdown::new();
     let (holder, renewer) = token_keeper(&config, &tls, &metrics)?;
     let tasks = tasks::Tasks::new();
     if let Some(renewer) = &renewer {
-        tasks.spawn(renewer.clone().run(stop_rx.clone()));
+        tasks.spawn(renewer.clone().run(stop.signal()));
     }
     let proxy = Arc::new(proxy::Proxy::new(
         &config,
@@ -145,7 +148,7 @@ pub async fn run_with_reloads(
             admin,
             holder.clone(),
             metrics,
-            stop_rx.clone(),
+            stop.signal(),
             tasks.clone(),
         ));
     }
@@ -162,11 +165,18 @@ pub async fn run_with_reloads(
         };
         tasks.spawn(reload::apply_all(config.clone(), reloads, live));
     }
-    let serving = server::serve(listeners.proxy, proxy, &config.server, server_tls, stop_rx, &tasks);
+    let serving = server::serve(
+        listeners.proxy,
+        proxy,
+        &config.server,
+        server_tls,
+        stop.signal(),
+        &tasks,
+    );
     let stopping = async {
         shutdown.await;
         info!("shutdown requested");
-        let _ = stop_tx.send(true);
+        stop.start();
     };
     tokio::join!(serving, stopping);
     // The drain is over (every connection closed, or `server.shutdown_grace` passed): end what is left.
@@ -196,7 +206,7 @@ fn token_keeper(
             let renewer = Renewer::new(
                 holder.clone(),
                 client,
-                proxy::credentials(auth),
+                Credentials::from(auth),
                 auth.refresh_margin,
                 config.auth.timeout,
                 metrics.clone(),

@@ -6,7 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
+
+use crate::shutdown::ShutdownSignal;
 
 /// Wakes the trimming task when the proxy goes idle.
 #[derive(Debug, Default)]
@@ -21,11 +23,11 @@ impl Trimmer {
     }
 
     /// Trims after each idle notice, no more than once a second, until `shutdown`.
-    pub(crate) async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    pub(crate) async fn run(self: Arc<Self>, mut shutdown: ShutdownSignal) {
         loop {
             tokio::select! {
                 _ = self.idle.notified() => {}
-                _ = crate::server::stopped(&mut shutdown) => return,
+                () = shutdown.stopped() => return,
             }
             let _ = tokio::task::spawn_blocking(release_free_memory).await;
             tokio::time::sleep(Duration::from_secs(1)).await;

@@ -7,17 +7,95 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::time::Instant;
-
-use crate::auth::client::{AuthError, Issued};
-use crate::auth::holder::{Readiness, TokenHolder};
-use crate::error::UpstreamFailure;
 
 /// Upper bounds of the request duration histogram, in seconds.
 const BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
-const RENEWAL_KINDS: [&str; 2] = ["login", "refresh"];
-const RENEWAL_RESULTS: [&str; 4] = ["ok", "rate_limited", "rejected", "error"];
-const UPSTREAM_KINDS: [&str; 3] = ["connect", "protocol", "timeout"];
+
+/// The `kind` label of `zapsign_proxy_token_renewals_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenewalKind {
+    /// A login with the organization's credentials.
+    Login,
+    /// A refresh with the refresh token.
+    Refresh,
+}
+
+impl RenewalKind {
+    /// Every kind, in the order the metric renders them.
+    pub const ALL: [Self; 2] = [Self::Login, Self::Refresh];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Login => "login",
+            Self::Refresh => "refresh",
+        }
+    }
+}
+
+/// The `result` label of `zapsign_proxy_token_renewals_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenewalResult {
+    /// A token was issued.
+    Ok,
+    /// ZapSign answered 429.
+    RateLimited,
+    /// Bad credentials, or a dead refresh token.
+    Rejected,
+    /// Anything else: network, timeout, an answer that made no sense.
+    Error,
+}
+
+impl RenewalResult {
+    /// Every result, in the order the metric renders them.
+    pub const ALL: [Self; 4] = [Self::Ok, Self::RateLimited, Self::Rejected, Self::Error];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::RateLimited => "rate_limited",
+            Self::Rejected => "rejected",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// The `kind` label of `zapsign_proxy_upstream_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// TCP connect or TLS handshake failed.
+    Connect,
+    /// The connection broke or the upstream spoke invalid HTTP.
+    Protocol,
+    /// No response head within `upstream.response_timeout`.
+    Timeout,
+}
+
+impl UpstreamErrorKind {
+    /// Every kind, in the order the metric renders them.
+    pub const ALL: [Self; 3] = [Self::Connect, Self::Protocol, Self::Timeout];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Protocol => "protocol",
+            Self::Timeout => "timeout",
+        }
+    }
+}
+
+/// `zapsign_proxy_token_expires_in_seconds`, as the admin listener reads it off the token holder.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TokenExpiry {
+    /// No valid token is held: rendered `-1`.
+    NoToken,
+    /// A static API token: rendered `+Inf`.
+    Never,
+    /// Time left on the held token.
+    In(Duration),
+}
 
 /// The proxy's counters.
 #[derive(Debug)]
@@ -28,8 +106,8 @@ pub struct Metrics {
     /// never shows `+Inf` below a finite bucket, however requests race with it.
     buckets: [AtomicU64; BUCKETS.len() + 1],
     duration_sum_ns: AtomicU64,
-    upstream_errors: [AtomicU64; UPSTREAM_KINDS.len()],
-    renewals: [[AtomicU64; RENEWAL_RESULTS.len()]; RENEWAL_KINDS.len()],
+    upstream_errors: [AtomicU64; UpstreamErrorKind::ALL.len()],
+    renewals: [[AtomicU64; RenewalResult::ALL.len()]; RenewalKind::ALL.len()],
     replays: AtomicU64,
 }
 
@@ -65,24 +143,13 @@ impl Metrics {
     }
 
     /// A failure towards the upstream.
-    pub fn upstream_error(&self, kind: Option<UpstreamFailure>) {
-        let i = match kind {
-            Some(UpstreamFailure::Connect) => 0,
-            Some(UpstreamFailure::Protocol) => 1,
-            None => 2,
-        };
-        self.upstream_errors[i].fetch_add(1, Ordering::Relaxed);
+    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+        self.upstream_errors[kind as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// A login or refresh and its outcome.
-    pub fn renewal(&self, kind: &str, result: &Result<Issued, AuthError>) {
-        let k = RENEWAL_KINDS.iter().position(|x| *x == kind).unwrap_or(0);
-        let label = match result {
-            Ok(_) => "ok",
-            Err(e) => e.result_label(),
-        };
-        let r = RENEWAL_RESULTS.iter().position(|x| *x == label).unwrap_or(3);
-        self.renewals[k][r].fetch_add(1, Ordering::Relaxed);
+    pub fn renewal(&self, kind: RenewalKind, result: RenewalResult) {
+        self.renewals[kind as usize][result as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// A request replayed after an upstream 401.
@@ -90,24 +157,19 @@ impl Metrics {
         self.replays.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Renewals of `kind` with `result` so far (tests and readiness).
-    pub fn renewals(&self, kind: &str, result: &str) -> u64 {
-        let k = RENEWAL_KINDS.iter().position(|x| *x == kind);
-        let r = RENEWAL_RESULTS.iter().position(|x| *x == result);
-        match (k, r) {
-            (Some(k), Some(r)) => self.renewals[k][r].load(Ordering::Relaxed),
-            _ => 0,
-        }
+    /// Renewals of `kind` with `result` so far (tests).
+    pub fn renewals(&self, kind: RenewalKind, result: RenewalResult) -> u64 {
+        self.renewals[kind as usize][result as usize].load(Ordering::Relaxed)
     }
 
-    /// The Prometheus text exposition of every metric.
-    pub fn render(&self, holder: &TokenHolder) -> String {
+    /// The Prometheus text exposition of every metric; `token` is what the token holder says at the scrape.
+    pub fn render(&self, token: TokenExpiry) -> String {
         let mut out = String::with_capacity(4096);
-        let _ = self.render_into(&mut out, holder);
+        let _ = self.render_into(&mut out, token);
         out
     }
 
-    fn render_into(&self, out: &mut String, holder: &TokenHolder) -> std::fmt::Result {
+    fn render_into(&self, out: &mut String, token: TokenExpiry) -> std::fmt::Result {
         writeln!(
             out,
             "# HELP zapsign_proxy_requests_total Requests answered, by HTTP status."
@@ -148,10 +210,11 @@ impl Metrics {
             "# HELP zapsign_proxy_upstream_errors_total Failures towards the upstream, by kind."
         )?;
         writeln!(out, "# TYPE zapsign_proxy_upstream_errors_total counter")?;
-        for (kind, n) in UPSTREAM_KINDS.iter().zip(&self.upstream_errors) {
+        for (kind, n) in UpstreamErrorKind::ALL.iter().zip(&self.upstream_errors) {
             writeln!(
                 out,
-                "zapsign_proxy_upstream_errors_total{{kind=\"{kind}\"}} {}",
+                "zapsign_proxy_upstream_errors_total{{kind=\"{}\"}} {}",
+                kind.as_str(),
                 n.load(Ordering::Relaxed)
             )?;
         }
@@ -160,23 +223,24 @@ impl Metrics {
             "# HELP zapsign_proxy_token_renewals_total Logins and refreshes, by outcome."
         )?;
         writeln!(out, "# TYPE zapsign_proxy_token_renewals_total counter")?;
-        for (kind, row) in RENEWAL_KINDS.iter().zip(&self.renewals) {
-            for (result, n) in RENEWAL_RESULTS.iter().zip(row) {
+        for (kind, row) in RenewalKind::ALL.iter().zip(&self.renewals) {
+            for (result, n) in RenewalResult::ALL.iter().zip(row) {
                 let n = n.load(Ordering::Relaxed);
                 writeln!(
                     out,
-                    "zapsign_proxy_token_renewals_total{{kind=\"{kind}\",result=\"{result}\"}} {n}"
+                    "zapsign_proxy_token_renewals_total{{kind=\"{}\",result=\"{}\"}} {n}",
+                    kind.as_str(),
+                    result.as_str()
                 )?;
             }
         }
         writeln!(out, "# HELP zapsign_proxy_token_expires_in_seconds Seconds until the held token expires (-1: none held; +Inf: never expires).")?;
         writeln!(out, "# TYPE zapsign_proxy_token_expires_in_seconds gauge")?;
-        let expires = match holder.readiness(Instant::now()) {
-            Readiness::Ready { expires_in: Some(d) } => format!("{:.3}", d.as_secs_f64()),
-            Readiness::Ready { expires_in: None } => "+Inf".to_owned(),
-            Readiness::NotReady(_) => "-1".to_owned(),
-        };
-        writeln!(out, "zapsign_proxy_token_expires_in_seconds {expires}")?;
+        match token {
+            TokenExpiry::In(d) => writeln!(out, "zapsign_proxy_token_expires_in_seconds {:.3}", d.as_secs_f64())?,
+            TokenExpiry::Never => writeln!(out, "zapsign_proxy_token_expires_in_seconds +Inf")?,
+            TokenExpiry::NoToken => writeln!(out, "zapsign_proxy_token_expires_in_seconds -1")?,
+        }
         writeln!(
             out,
             "# HELP zapsign_proxy_unauthorized_replays_total Requests replayed after an upstream 401."
@@ -194,6 +258,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     /// The histogram's samples in one rendering: the finite buckets in order, `+Inf`, and `_count`.
     fn histogram(text: &str) -> (Vec<u64>, u64, u64) {
@@ -217,7 +282,7 @@ mod tests {
         let m = Metrics::new();
         m.request(200, Duration::from_secs(10));
         m.request(200, Duration::from_secs(11));
-        let (finite, inf, count) = histogram(&m.render(&TokenHolder::new()));
+        let (finite, inf, count) = histogram(&m.render(TokenExpiry::NoToken));
         assert_eq!(finite.last(), Some(&1));
         assert_eq!((inf, count), (2, 2));
     }
@@ -248,12 +313,11 @@ mod tests {
                 })
             })
             .collect();
-        let holder = TokenHolder::new();
         let deadline = Instant::now() + Duration::from_secs(2);
         let mut bad = None;
         let mut renders = 0;
         while Instant::now() < deadline && bad.is_none() {
-            let text = m.render(&holder);
+            let text = m.render(TokenExpiry::NoToken);
             renders += 1;
             let (finite, inf, count) = histogram(&text);
             let monotone = finite.windows(2).all(|w| w[0] <= w[1]);
@@ -275,10 +339,10 @@ mod tests {
         m.request(200, Duration::from_millis(3));
         m.request(200, Duration::from_millis(30));
         m.request(503, Duration::from_secs(30));
-        m.upstream_error(Some(UpstreamFailure::Connect));
-        m.renewal("login", &Err(AuthError::RateLimited));
+        m.upstream_error(UpstreamErrorKind::Connect);
+        m.renewal(RenewalKind::Login, RenewalResult::RateLimited);
         m.replay();
-        let text = m.render(&TokenHolder::new());
+        let text = m.render(TokenExpiry::NoToken);
         assert!(
             text.contains("zapsign_proxy_requests_total{status=\"200\"} 2"),
             "{text}"
@@ -290,5 +354,25 @@ mod tests {
         assert!(text.contains("zapsign_proxy_token_renewals_total{kind=\"login\",result=\"rate_limited\"} 1"));
         assert!(text.contains("zapsign_proxy_token_expires_in_seconds -1"));
         assert!(text.contains("zapsign_proxy_unauthorized_replays_total 1"));
+        assert!(m
+            .render(TokenExpiry::Never)
+            .contains("zapsign_proxy_token_expires_in_seconds +Inf\n"));
+        assert!(m
+            .render(TokenExpiry::In(Duration::from_millis(1500)))
+            .contains("zapsign_proxy_token_expires_in_seconds 1.500\n"));
+    }
+
+    /// The counters are indexed by discriminant: each `ALL` must list its enum in declaration order.
+    #[test]
+    fn label_enums_index_their_own_slots() {
+        for (i, k) in RenewalKind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i, "{k:?}");
+        }
+        for (i, r) in RenewalResult::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
+        }
+        for (i, k) in UpstreamErrorKind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i, "{k:?}");
+        }
     }
 }

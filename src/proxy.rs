@@ -8,9 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use bytes::Bytes;
-use http::header::HOST;
 use http::request::Parts;
-use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -21,23 +19,22 @@ use arc_swap::ArcSwap;
 
 use crate::access::AccessPolicy;
 use crate::affinity::{Affinity, Miss};
+use crate::auth::holder::TokenUnavailable;
 use crate::auth::renewer::{Renewer, Trigger};
 use crate::auth::{Token, TokenHolder};
 use crate::config::BaseUrl;
 use crate::error::UpstreamFailure;
 use crate::error::{error_chain, ProxyError};
 use crate::headers::{
-    ensure_request_id, fit_to_upstream_version, remove_hop_by_hop, set_authorization, set_forwarding_for,
-    strip_api_token, unframed_body, X_REQUEST_ID,
+    ensure_request_id, fit_to_upstream_version, remove_hop_by_hop, set_authorization, unframed_body, X_REQUEST_ID,
 };
-use crate::metrics::Metrics;
-use crate::replay::{ForwardBody, ReplayBudget, Returned};
+use crate::metrics::{Metrics, UpstreamErrorKind};
+use crate::replay::{ForwardBody, ReplayBudget, SentBody};
+use crate::rewrite::{rewrite_head, upstream_target, RewriteContext};
 use crate::tasks::Tasks;
 use crate::upstream::{classify, Connector, UpstreamClient};
 
 mod setup;
-
-pub(crate) use setup::credentials;
 
 /// The body of every response the proxy sends: the upstream's, streamed, or the proxy's own JSON error.
 pub type ResponseBody = Either<Incoming, Full<Bytes>>;
@@ -93,9 +90,10 @@ impl CallerConn {
     }
 }
 
-/// Per-request state beyond the head: the caller connection's affine upstream, and what the access log says.
+/// One request's context beyond its head: the caller connection's affine upstream connection, and what the
+/// access log line says about the request once it is answered.
 #[derive(Default)]
-struct Outcome<'a> {
+struct RequestContext<'a> {
     /// The caller connection's own upstream connection (HTTP/1.1 callers).
     affinity: Option<&'a Affinity>,
     /// The id of the client key the caller presented.
@@ -147,13 +145,13 @@ impl Proxy {
             method = %parts.method,
             path = parts.uri.path(),
         );
-        let mut outcome = Outcome {
+        let mut ctx = RequestContext {
             affinity: conn.affinity.as_deref(),
             timed: tracing::enabled!(tracing::Level::INFO),
-            ..Outcome::default()
+            ..RequestContext::default()
         };
         let forwarded = self
-            .forward(parts, body, conn, start, &request_id, &mut outcome)
+            .forward(parts, body, conn, start, &request_id, &mut ctx)
             .instrument(span.clone())
             .await;
         let (mut resp, refused) = match forwarded {
@@ -175,9 +173,9 @@ impl Proxy {
             info!(
                 status = resp.status().as_u16(),
                 duration_us = elapsed.as_micros() as u64,
-                upstream_us = outcome.upstream.map(|d| d.as_micros() as u64),
+                upstream_us = ctx.upstream.map(|d| d.as_micros() as u64),
                 client = %peer.ip(),
-                key_id = outcome.key_id.as_deref(),
+                key_id = ctx.key_id.as_deref(),
                 error = refused.as_ref().map(ProxyError::code),
                 reason = refused.as_ref().map(tracing::field::display),
                 "served"
@@ -193,35 +191,32 @@ impl Proxy {
         conn: &CallerConn,
         now: Instant,
         request_id: &HeaderValue,
-        outcome: &mut Outcome<'_>,
+        ctx: &mut RequestContext<'_>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        outcome.key_id = self.access.load().check(&parts, conn.peer)?;
-        let path_and_query = self.target(&parts)?;
+        ctx.key_id = self.access.load().check(&parts, conn.peer)?;
+        // The target is checked before the token is fetched: a request refused with 400 never waits for a login.
+        let target = upstream_target(&parts, &self.upstream)?;
         let token = self.token(now).await?;
-        let caller_host = caller_host(&parts);
-        remove_hop_by_hop(&mut parts.headers);
-        // Written again after the hop-by-hop removal: `Connection: x-request-id` must not strip our id.
-        parts.headers.insert(X_REQUEST_ID.clone(), request_id.clone());
-        set_authorization(&mut parts.headers, &token.header);
-        // The caller's Host never chooses or reaches anything upstream. The upstream's goes on in `exchange`,
-        // once the connection's HTTP version is known: as `Host` over HTTP/1.1, only as `:authority` over HTTP/2.
-        parts.headers.remove(HOST);
-        set_forwarding_for(&mut parts.headers, &conn.client_value, conn.proto, caller_host);
-        parts.uri = self.upstream_uri(path_and_query)?;
-        parts.version = Version::HTTP_11;
+        let rewrite = RewriteContext {
+            authorization: &token.header,
+            client: &conn.client_value,
+            proto: conn.proto,
+            request_id,
+        };
+        rewrite_head(&mut parts, target, &rewrite);
         let Some(renewer) = &self.renewer else {
             return self
-                .send(Request::from_parts(parts, ForwardBody::Plain(body)), outcome)
+                .send(Request::from_parts(parts, ForwardBody::Plain(body)), ctx)
                 .await;
         };
-        let (body, returned) = ForwardBody::tee(body, self.replay_limit, &self.replay_budget);
+        let (body, sent_body) = ForwardBody::tee(body, self.replay_limit, &self.replay_budget);
         let head = Head::of(&parts);
-        let resp = self.send(Request::from_parts(parts, body), outcome).await?;
+        let resp = self.send(Request::from_parts(parts, body), ctx).await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
         }
         // Boxed: the replay path is rare and large; inline it would grow every request's future.
-        Box::pin(self.replay_after_401(resp, head, returned, token.generation, renewer, outcome)).await
+        Box::pin(self.replay_after_401(resp, head, sent_body, token.generation, renewer, ctx)).await
     }
 
     /// The token to inject; in JWT mode a missing one is renewed (or waited for) first.
@@ -230,8 +225,10 @@ impl Proxy {
             Ok(token) => Ok(token),
             Err(err) => match &self.renewer {
                 // Boxed: rare (no valid token), and it keeps the common path's future small.
-                Some(renewer) => Box::pin(renewer.renew(Trigger::Missing)).await,
-                None => Err(err),
+                Some(renewer) => Box::pin(renewer.renew(Trigger::Missing))
+                    .await
+                    .map_err(token_unavailable),
+                None => Err(token_unavailable(err)),
             },
         }
     }
@@ -245,12 +242,12 @@ impl Proxy {
         &self,
         first: Response<Incoming>,
         head: Head,
-        returned: Option<oneshot::Receiver<Returned>>,
+        sent_body: Option<oneshot::Receiver<SentBody>>,
         generation: u64,
         renewer: &Arc<Renewer>,
-        outcome: &mut Outcome<'_>,
+        ctx: &mut RequestContext<'_>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let body = match returned {
+        let body = match sent_body {
             None => Ok(ForwardBody::Empty),
             // hyper hands the body back by dropping it once it is done with it; an upstream that answered early
             // and keeps reading slowly must not hold the caller longer than `auth.timeout`.
@@ -271,7 +268,10 @@ impl Proxy {
                 return Ok(first);
             }
         };
-        let token = renewer.renew(Trigger::Rejected(generation)).await?;
+        let token = renewer
+            .renew(Trigger::Rejected(generation))
+            .await
+            .map_err(token_unavailable)?;
         if token.generation <= generation {
             // Never send ZapSign the token it just refused.
             return Err(ProxyError::TokenUnavailable {
@@ -288,34 +288,34 @@ impl Proxy {
             "replaying after an upstream 401 with a renewed token"
         );
         // A replay goes over the pool: the affine connection may still be finishing the refused exchange.
-        outcome.affinity = None;
-        self.send(req, outcome).await
+        ctx.affinity = None;
+        self.send(req, ctx).await
     }
 
     async fn send(
         &self,
         req: Request<ForwardBody>,
-        outcome: &mut Outcome<'_>,
+        ctx: &mut RequestContext<'_>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let sent = outcome.timed.then(Instant::now);
-        let result = tokio::time::timeout(self.response_timeout, self.exchange(req, outcome.affinity)).await;
-        outcome.upstream = sent.map(|s| s.elapsed());
+        let sent = ctx.timed.then(Instant::now);
+        let result = tokio::time::timeout(self.response_timeout, self.exchange(req, ctx.affinity)).await;
+        ctx.upstream = sent.map(|s| s.elapsed());
         match result {
             Err(_) => {
-                self.metrics.upstream_error(None);
+                self.metrics.upstream_error(UpstreamErrorKind::Timeout);
                 Err(ProxyError::UpstreamTimeout {
                     timeout: self.response_timeout,
                 })
             }
             Ok(Err(err)) => {
                 if let ProxyError::UpstreamUnreachable { kind, .. } = &err {
-                    self.metrics.upstream_error(Some(*kind));
+                    self.metrics.upstream_error((*kind).into());
                 }
                 Err(err)
             }
             Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 // The proxy never asks for an upgrade (it strips `Upgrade`): a 101 is the upstream breaking HTTP.
-                self.metrics.upstream_error(Some(UpstreamFailure::Protocol));
+                self.metrics.upstream_error(UpstreamErrorKind::Protocol);
                 Err(ProxyError::UpstreamUnreachable {
                     kind: UpstreamFailure::Protocol,
                     detail: "the upstream switched protocols without being asked".into(),
@@ -369,76 +369,14 @@ impl Proxy {
             }
         })
     }
-
-    /// The path and query to send upstream. Refuses `CONNECT` and absolute-form targets naming any other
-    /// authority, so the token never goes anywhere but the upstream (RFC 9112 §3.2.2: a server must accept
-    /// absolute-form; we accept it only for the upstream itself and forward it in origin form).
-    fn target(&self, parts: &Parts) -> Result<PathAndQuery, ProxyError> {
-        if parts.method == Method::CONNECT {
-            return Err(ProxyError::BadRequest(
-                "CONNECT is not supported: this proxy only forwards requests to the ZapSign API",
-            ));
-        }
-        // In HTTP/2 the authority is the `:authority` pseudo-header, the equivalent of Host: it never chooses
-        // the destination. In HTTP/1.1 an authority in the URI means an absolute-form target.
-        if parts.version != Version::HTTP_2 {
-            if let Some(authority) = parts.uri.authority() {
-                if !self.names_upstream(parts.uri.scheme(), authority) {
-                    return Err(ProxyError::BadRequest(
-                        "the request target names another host: send origin-form targets (/api/v1/...) to this proxy",
-                    ));
-                }
-            }
-        }
-        let pq = parts
-            .uri
-            .path_and_query()
-            .ok_or(ProxyError::BadRequest("the request has no path"))?;
-        if !pq.path().starts_with('/') {
-            return Err(ProxyError::BadRequest("the request path must start with /"));
-        }
-        match pq.query() {
-            None => Ok(pq.clone()),
-            Some(q) => match strip_api_token(q) {
-                Some(kept) if kept.len() == q.len() => Ok(pq.clone()),
-                Some(kept) => PathAndQuery::from_maybe_shared(Bytes::from(format!("{}?{kept}", pq.path())))
-                    .map_err(|_| ProxyError::BadRequest("the request target is malformed")),
-                None => PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(pq.path().as_bytes()))
-                    .map_err(|_| ProxyError::BadRequest("the request target is malformed")),
-            },
-        }
-    }
-
-    /// Whether an absolute-form authority is the upstream's: same host (case-insensitive), same port, no user info.
-    fn names_upstream(&self, scheme: Option<&Scheme>, authority: &Authority) -> bool {
-        if authority.as_str().contains('@') {
-            return false;
-        }
-        let port = authority
-            .port_u16()
-            .unwrap_or(if scheme == Some(&Scheme::HTTPS) { 443 } else { 80 });
-        authority.host().eq_ignore_ascii_case(self.upstream.authority.host()) && port == self.upstream.port()
-    }
-
-    fn upstream_uri(&self, path_and_query: PathAndQuery) -> Result<Uri, ProxyError> {
-        // Built from parts, never from a string, so a path such as `//evil.example/x` stays a path.
-        Uri::builder()
-            .scheme(self.upstream.scheme.clone())
-            .authority(self.upstream.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|_| ProxyError::BadRequest("the request target is malformed"))
-    }
 }
 
-/// What the caller used to reach us: `Host`, or the HTTP/2 `:authority`.
-fn caller_host(parts: &Parts) -> Option<HeaderValue> {
-    parts.headers.get(HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    })
+/// The holder's (or renewer's) "no token" as the contract's 503 `token_unavailable`, with its `Retry-After`.
+fn token_unavailable(e: TokenUnavailable) -> ProxyError {
+    ProxyError::TokenUnavailable {
+        reason: e.reason,
+        retry_after: e.retry_after,
+    }
 }
 
 /// The caller's request body broke (malformed chunked framing, or the caller stopped sending): the caller's

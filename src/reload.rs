@@ -113,7 +113,7 @@ fn needs_restart(a: &Config, b: &Config) -> Vec<&'static str> {
 /// on disk to its use; reading a few small files every 2 s costs nothing worth measuring.
 pub const SECRET_POLL: Duration = Duration::from_secs(2);
 
-/// The secret files `config` names that are re-read when they change on disk (CONTRACT.md, Signals).
+/// The secret files `config` names that are re-read within 10 s of changing on disk, without a signal.
 /// `upstream.ca_file` is not one: a new CA needs a restart, and `shared.*` does not exist yet.
 pub fn secret_files(config: &Config) -> Vec<PathBuf> {
     let auth_file = match &config.auth.mode {

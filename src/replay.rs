@@ -51,9 +51,10 @@ impl ReplayBudget {
     }
 }
 
-/// Chunks kept for a replay; gives its bytes back to the budget when dropped.
+/// The copy of the body chunks already sent upstream, kept (within `auth.replay_buffer` and the
+/// [`ReplayBudget`]) so the request can be sent again; gives its bytes back to the budget when dropped.
 #[derive(Debug)]
-pub struct Kept {
+pub struct ReplayCopy {
     chunks: Vec<Bytes>,
     len: u64,
     limit: u64,
@@ -62,7 +63,7 @@ pub struct Kept {
     budget: Arc<ReplayBudget>,
 }
 
-impl Kept {
+impl ReplayCopy {
     fn new(limit: u64, budget: Arc<ReplayBudget>) -> Self {
         Self {
             chunks: Vec::new(),
@@ -94,20 +95,21 @@ impl Kept {
     }
 }
 
-impl Drop for Kept {
+impl Drop for ReplayCopy {
     fn drop(&mut self) {
         self.budget.give_back(self.len);
     }
 }
 
-/// What a finished [`TeeBody`] hands back.
+/// The request body as a finished [`TeeBody`] hands it back: the copy of what the upstream was sent, and the
+/// part of the caller's body it never read.
 #[derive(Debug)]
-pub struct Returned {
-    kept: Kept,
+pub struct SentBody {
+    kept: ReplayCopy,
     rest: Option<Incoming>,
 }
 
-impl Returned {
+impl SentBody {
     /// Whether every byte the upstream was sent is still here to send again.
     pub fn replayable(&self) -> bool {
         !self.kept.lost
@@ -131,14 +133,14 @@ pub enum ForwardBody {
 impl ForwardBody {
     /// Wraps `body` so it can be replayed; the receiver gets what was kept once hyper drops the body.
     /// A body already at its end needs no keeping: `None` then means "replay with an empty body".
-    pub fn tee(body: Incoming, limit: u64, budget: &Arc<ReplayBudget>) -> (Self, Option<oneshot::Receiver<Returned>>) {
+    pub fn tee(body: Incoming, limit: u64, budget: &Arc<ReplayBudget>) -> (Self, Option<oneshot::Receiver<SentBody>>) {
         if body.is_end_stream() {
             return (Self::Plain(body), None);
         }
         let (tx, rx) = oneshot::channel();
         let tee = TeeBody {
             inner: Some(body),
-            kept: Some(Kept::new(limit, budget.clone())),
+            kept: Some(ReplayCopy::new(limit, budget.clone())),
             ended: false,
             tx: Some(tx),
         };
@@ -146,8 +148,8 @@ impl ForwardBody {
     }
 
     /// The body of a replay from what a tee handed back.
-    pub fn replay(returned: Returned) -> Self {
-        let Returned { kept, rest } = returned;
+    pub fn replay(sent: SentBody) -> Self {
+        let SentBody { kept, rest } = sent;
         Self::Replay(Box::new(ReplayBody { next: 0, kept, rest }))
     }
 }
@@ -188,9 +190,9 @@ impl Body for ForwardBody {
 #[derive(Debug)]
 pub struct TeeBody {
     inner: Option<Incoming>,
-    kept: Option<Kept>,
+    kept: Option<ReplayCopy>,
     ended: bool,
-    tx: Option<oneshot::Sender<Returned>>,
+    tx: Option<oneshot::Sender<SentBody>>,
 }
 
 impl Body for TeeBody {
@@ -235,7 +237,7 @@ impl Drop for TeeBody {
     fn drop(&mut self) {
         if let (Some(tx), Some(kept)) = (self.tx.take(), self.kept.take()) {
             let rest = if self.ended { None } else { self.inner.take() };
-            let _ = tx.send(Returned { kept, rest });
+            let _ = tx.send(SentBody { kept, rest });
         }
     }
 }
@@ -244,7 +246,7 @@ impl Drop for TeeBody {
 #[derive(Debug)]
 pub struct ReplayBody {
     next: usize,
-    kept: Kept,
+    kept: ReplayCopy,
     rest: Option<Incoming>,
 }
 
@@ -293,14 +295,14 @@ mod tests {
     #[test]
     fn kept_bytes_respect_limit_and_budget_and_are_given_back() {
         let budget = Arc::new(ReplayBudget::new(10));
-        let mut a = Kept::new(8, budget.clone());
+        let mut a = ReplayCopy::new(8, budget.clone());
         a.keep(&Bytes::from_static(b"12345"));
         assert_eq!(budget.used(), 5);
         a.keep(&Bytes::from_static(b"6789"));
         assert!(a.lost, "over the per-request limit");
         assert_eq!(budget.used(), 0);
-        let mut b = Kept::new(8, budget.clone());
-        let mut c = Kept::new(8, budget.clone());
+        let mut b = ReplayCopy::new(8, budget.clone());
+        let mut c = ReplayCopy::new(8, budget.clone());
         b.keep(&Bytes::from_static(b"1234567"));
         c.keep(&Bytes::from_static(b"1234"));
         assert!(!b.lost && c.lost, "the process-wide budget is shared");

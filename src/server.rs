@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
@@ -25,6 +25,7 @@ use crate::affinity::{Affinity, Paired};
 use crate::config::ServerConfig;
 use crate::memory::Trimmer;
 use crate::proxy::{CallerConn, Proxy};
+use crate::shutdown::ShutdownSignal;
 use crate::tasks::Tasks;
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4): a client speaking h2c with prior knowledge starts with it.
@@ -56,15 +57,10 @@ impl ConnSettings {
     }
 }
 
-/// Waits until `rx` says stop (or its sender is gone).
-pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
-}
-
 /// The caller-facing TLS identity, swapped on reload; `None` for plain HTTP.
 pub type TlsCell = Option<Arc<ArcSwap<TlsAcceptor>>>;
 
-/// Accepts and serves callers until `shutdown` turns true, then closes the listener (new connections are
+/// Accepts and serves callers until `shutdown` starts, then closes the listener (new connections are
 /// refused, not left waiting) and lets open requests finish within `server.shutdown_grace`. Connections are
 /// spawned on `tasks`: those still open after the grace end when the caller closes `tasks`.
 pub async fn serve(
@@ -72,7 +68,7 @@ pub async fn serve(
     proxy: Arc<Proxy>,
     cfg: &ServerConfig,
     tls: TlsCell,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: ShutdownSignal,
     tasks: &Tasks,
 ) {
     let settings = Arc::new(ConnSettings::new(cfg, tasks));
@@ -87,7 +83,7 @@ pub async fn serve(
                 Ok(p) => p,
                 Err(_) => break,
             },
-            _ = stopped(&mut shutdown) => break,
+            () = shutdown.stopped() => break,
         };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -99,7 +95,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = stopped(&mut shutdown) => break,
+            () = shutdown.stopped() => break,
         };
         // Requests and responses are small and interactive: Nagle's delay would cost up to 40 ms each.
         let _ = stream.set_nodelay(true);

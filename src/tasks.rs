@@ -11,7 +11,9 @@ use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
+
+use crate::shutdown::Shutdown;
 
 /// A handle to spawn tracked tasks and, at the end, close them all. Cloning shares the same set.
 #[derive(Clone)]
@@ -20,8 +22,8 @@ pub struct Tasks {
 }
 
 struct Inner {
-    /// Turns true when every task must end.
-    closed: watch::Sender<bool>,
+    /// Started when every task must end: the same signal the run's loops watch, so both end the same way.
+    closed: Shutdown,
     /// Tasks spawned and not yet ended.
     alive: AtomicUsize,
     /// Woken when `alive` drops to zero.
@@ -32,7 +34,7 @@ impl std::fmt::Debug for Tasks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tasks")
             .field("alive", &self.alive())
-            .field("closed", &*self.inner.closed.borrow())
+            .field("closed", &self.inner.closed.started())
             .finish()
     }
 }
@@ -48,7 +50,7 @@ impl Tasks {
     pub fn new() -> Self {
         Self {
             inner: Arc::new(Inner {
-                closed: watch::Sender::new(false),
+                closed: Shutdown::new(),
                 alive: AtomicUsize::new(0),
                 idle: Notify::new(),
             }),
@@ -65,16 +67,16 @@ impl Tasks {
         // spawn sees the flag and never starts the task.
         self.inner.alive.fetch_add(1, Ordering::SeqCst);
         let guard = Alive(self.inner.clone());
-        let mut closed = self.inner.closed.subscribe();
-        if *closed.borrow_and_update() {
+        let mut closed = self.inner.closed.signal();
+        if closed.is_stopped() {
             return;
         }
         tokio::spawn(async move {
             let _guard = guard;
             tokio::select! {
                 biased;
-                // The sender lives in `Inner`, which `_guard` holds: this never fails early.
-                _ = closed.changed() => {}
+                // The `Shutdown` lives in `Inner`, which `_guard` holds: this ends only on `close`.
+                () = closed.stopped() => {}
                 () = task => {}
             }
         });
@@ -88,7 +90,7 @@ impl Tasks {
     /// Ends every task (each is dropped at its next await point, closing the sockets it owns) and waits until
     /// all have ended, including those they spawned meanwhile.
     pub async fn close(&self) {
-        self.inner.closed.send_replace(true);
+        self.inner.closed.start();
         loop {
             let idle = self.inner.idle.notified();
             tokio::pin!(idle);

@@ -1,14 +1,18 @@
-//! The request_head target's checks, shared by fuzz_targets/request_head.rs and the main crate's
+//! The request_head target's checks on the production rewrite (`zapsign_proxy::rewrite`), shared by fuzz_targets/request_head.rs and the main crate's
 //! tests/fuzz_regressions.rs (which replays fuzz/regressions/request_head/* without libFuzzer). See fuzz/README.md.
 
 use std::borrow::Cow;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::OnceLock;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue, HOST};
 use http::uri::PathAndQuery;
+use http::{Method, Request, Uri, Version};
+use zapsign_proxy::config::BaseUrl;
 use zapsign_proxy::headers::{
-    bearer_value, ensure_request_id, remove_hop_by_hop, set_authorization, set_forwarding, strip_api_token,
+    bearer_value, client_value, ensure_request_id, fit_to_upstream_version, remove_hop_by_hop, strip_api_token,
 };
+use zapsign_proxy::rewrite::{rewrite_head, upstream_target, RewriteContext};
 
 /// The fixed hop-by-hop list of `headers.rs`, plus `Expect`.
 const HOP_BY_HOP: &[&str] = &[
@@ -37,6 +41,14 @@ const SET_BY_PROXY: &[&str] = &[
 
 const TOKEN: &str = "fuzz-proxy-token.eyJ0eXAiOiJKV1QifQ";
 const UPSTREAM_HOST: &str = "api.zapsign.com.br";
+
+/// `upstream.url`, parsed once.
+fn upstream() -> &'static BaseUrl {
+    static UPSTREAM: OnceLock<BaseUrl> = OnceLock::new();
+    UPSTREAM.get_or_init(|| {
+        BaseUrl::parse("upstream.url", &format!("https://{UPSTREAM_HOST}")).expect("the fixed upstream URL is valid")
+    })
+}
 
 struct Head {
     headers: HeaderMap,
@@ -178,10 +190,11 @@ fn check_query(query: &str) {
     );
 }
 
-/// Runs the rewrite steps on the head built from `data` and checks every invariant; panics on a violation.
+/// Runs the proxy's own rewrite (`src/rewrite.rs`, the functions `src/proxy.rs` calls) on the head built from
+/// `data` and checks every invariant; panics on a violation.
 pub fn check(data: &[u8]) {
     let Some(Head {
-        mut headers,
+        headers,
         target,
         client,
         https,
@@ -192,23 +205,74 @@ pub fn check(data: &[u8]) {
     let original = headers.clone();
     let proto = if https { "https" } else { "http" };
     let bearer = bearer_value(TOKEN).expect("the fixed token is a valid header value");
+    let query = target.query().map(str::to_owned);
+    let (mut parts, ()) = Request::builder()
+        .method(Method::GET)
+        .uri(Uri::from(target))
+        .version(Version::HTTP_11)
+        .body(())
+        .expect("an origin-form GET is a request")
+        .into_parts();
+    parts.headers = headers;
 
-    // The order of `Proxy::handle` and `Proxy::forward` in src/proxy.rs.
-    let id = ensure_request_id(&mut headers);
-    // `ensure_request_id` alone leaves exactly the id it returns (the proxy writes it again below anyway).
-    let ids: Vec<&HeaderValue> = headers.get_all("x-request-id").iter().collect();
+    // `Proxy::handle`: the request id, before anything else.
+    let id = ensure_request_id(&mut parts.headers);
+    // `ensure_request_id` alone leaves exactly the id it returns (the rewrite writes it again anyway).
+    let ids: Vec<&HeaderValue> = parts.headers.get_all("x-request-id").iter().collect();
     assert_eq!(
         ids,
         vec![&id],
-        "ensure_request_id left other ids than {id:?}: {headers:?}"
+        "ensure_request_id left other ids than {id:?}: {:?}",
+        parts.headers
     );
-    let caller_host = headers.get(HOST).cloned();
-    remove_hop_by_hop(&mut headers);
-    // The proxy writes its id again after the hop-by-hop removal (a `Connection` list may name it).
-    headers.insert(HeaderName::from_static("x-request-id"), id.clone());
-    set_authorization(&mut headers, &bearer);
-    headers.insert(HOST, HeaderValue::from_static(UPSTREAM_HOST));
-    set_forwarding(&mut headers, client, proto, caller_host.clone());
+    let caller_host = parts.headers.get(HOST).cloned();
+
+    // `Proxy::forward`: the target, then the head.
+    let target =
+        upstream_target(&parts, upstream()).unwrap_or_else(|e| panic!("an origin-form target was refused: {e}"));
+    let client_value = client_value(client);
+    let ctx = RewriteContext {
+        authorization: &bearer,
+        client: &client_value,
+        proto,
+        request_id: &id,
+    };
+    rewrite_head(&mut parts, target, &ctx);
+
+    // The target: the upstream's scheme and authority, the caller's path, the query less `api_token`.
+    assert_eq!(parts.uri.scheme_str(), Some("https"), "uri {}", parts.uri);
+    assert_eq!(
+        parts.uri.authority().map(|a| a.as_str()),
+        Some(UPSTREAM_HOST),
+        "uri {}",
+        parts.uri
+    );
+    assert_eq!(parts.uri.path(), "/p", "uri {}", parts.uri);
+    let stripped = query.as_deref().and_then(strip_api_token);
+    assert_eq!(
+        parts.uri.query(),
+        stripped.as_deref(),
+        "query {query:?}: uri {}",
+        parts.uri
+    );
+    assert_eq!(parts.version, Version::HTTP_11);
+    // The caller's Host never goes upstream: the rewrite leaves none, whatever the upstream's version.
+    assert!(
+        !parts.headers.contains_key(HOST),
+        "the caller's host left: {:?}",
+        parts.headers
+    );
+
+    // The version step (`fit_to_upstream_version`), where the upstream connection is known: over HTTP/2 no
+    // `host` and no `transfer-encoding` at all; over HTTP/1.1 (the affine connection) the upstream's Host.
+    let mut h2 = parts.headers.clone();
+    fit_to_upstream_version(&mut h2, Version::HTTP_2, Some(&upstream().host_header), true);
+    assert!(
+        !h2.contains_key(HOST) && !h2.contains_key("transfer-encoding"),
+        "h2: {h2:?}"
+    );
+    let mut headers = parts.headers;
+    fit_to_upstream_version(&mut headers, Version::HTTP_11, Some(&upstream().host_header), false);
 
     // Hop-by-hop headers and the ones `Connection` named are gone (except those the proxy writes itself).
     for hop in HOP_BY_HOP {
@@ -277,7 +341,7 @@ pub fn check(data: &[u8]) {
     remove_hop_by_hop(&mut again);
     assert_eq!(again, headers, "remove_hop_by_hop is not idempotent");
 
-    if let Some(query) = target.query() {
+    if let Some(query) = &query {
         check_query(query);
     }
 }

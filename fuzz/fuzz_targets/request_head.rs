@@ -1,6 +1,6 @@
-//! Request-head rewriting, as `src/proxy.rs` does it to every forwarded request: builds a `HeaderMap` and a
-//! query string from the fuzz bytes the way hyper would hand them over, runs the proxy's rewrite steps in its
-//! order and checks the invariants of `src/headers.rs` (see fuzz/README.md and checks/request_head.rs).
+//! Request-head rewriting, as `src/proxy.rs` does it to every forwarded request: builds a request head from the
+//! fuzz bytes the way hyper would hand it over, runs the production rewrite (`zapsign_proxy::rewrite`) on it and
+//! checks the invariants of `src/headers.rs` and `src/rewrite.rs` (see fuzz/README.md and checks/request_head.rs).
 
 #![no_main]
 

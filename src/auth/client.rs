@@ -91,6 +91,17 @@ pub struct Credentials {
     pub password: Secret,
 }
 
+impl From<&JwtAuth> for Credentials {
+    /// The login credentials `auth.*` gives in JWT mode.
+    fn from(jwt: &JwtAuth) -> Self {
+        Self {
+            organization_id: jwt.organization_id.clone(),
+            username: jwt.username.clone(),
+            password: jwt.password.clone(),
+        }
+    }
+}
+
 /// The two auth calls the renewer makes. [`AuthClient`] makes them over HTTP; the renewer's tests script them, so
 /// its timing rules (backoff, `auth.timeout`) run on tokio's paused clock.
 pub trait AuthCalls: std::fmt::Debug + Send + Sync + 'static {

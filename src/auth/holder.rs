@@ -14,7 +14,6 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use http::HeaderValue;
 use tokio::time::Instant;
 
-use crate::error::ProxyError;
 use crate::headers::bearer_value;
 use crate::secret::Secret;
 
@@ -38,6 +37,17 @@ pub struct Unavailable {
     pub reason: String,
     /// When the next attempt to get a token is due.
     pub retry_at: Instant,
+}
+
+/// The holder's answer when it has no valid token: what the caller is told and when to retry. The proxy
+/// answers it as its 503 `token_unavailable` (the HTTP mapping lives there, not here).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no valid ZapSign token is available yet ({reason}); retry after {retry_after:?}")]
+pub struct TokenUnavailable {
+    /// Why, e.g. "login rate-limited"; never a secret.
+    pub reason: String,
+    /// When a token may be there: the time until the next attempt, at least one second.
+    pub retry_after: Duration,
 }
 
 /// The current token, shared by every request and the refresher.
@@ -133,21 +143,25 @@ impl TokenHolder {
         }
     }
 
-    /// The token to inject into a request, or the 503 to answer with.
-    pub fn bearer(&self, now: Instant) -> Result<Arc<Token>, ProxyError> {
+    /// The token to inject into a request, or why there is none.
+    pub fn bearer(&self, now: Instant) -> Result<Arc<Token>, TokenUnavailable> {
         self.valid_token(now).ok_or_else(|| self.unavailable_error(now))
     }
 
-    fn unavailable_error(&self, now: Instant) -> ProxyError {
+    fn unavailable_error(&self, now: Instant) -> TokenUnavailable {
         let u = self.unavailable.load();
-        let reason = if self.current.load().is_some() {
+        TokenUnavailable {
+            reason: self.unavailable_reason(&u),
+            retry_after: u.retry_at.saturating_duration_since(now).max(Duration::from_secs(1)),
+        }
+    }
+
+    /// Why no valid token is held: an expired one still in place says so, else the reason recorded last.
+    fn unavailable_reason(&self, recorded: &Unavailable) -> String {
+        if self.current.load().is_some() {
             "the token expired and its renewal has not succeeded yet".to_owned()
         } else {
-            u.reason.clone()
-        };
-        ProxyError::TokenUnavailable {
-            reason,
-            retry_after: u.retry_at.saturating_duration_since(now).max(Duration::from_secs(1)),
+            recorded.reason.clone()
         }
     }
 
@@ -157,13 +171,13 @@ impl TokenHolder {
             Some(t) => Readiness::Ready {
                 expires_in: t.expires_at.map(|e| e.saturating_duration_since(now)),
             },
-            None => match self.unavailable_error(now) {
-                ProxyError::TokenUnavailable { reason, .. } => Readiness::NotReady(Unavailable {
-                    reason,
-                    retry_at: self.unavailable.load().retry_at,
-                }),
-                _ => unreachable!("unavailable_error builds TokenUnavailable"),
-            },
+            None => {
+                let u = self.unavailable.load();
+                Readiness::NotReady(Unavailable {
+                    reason: self.unavailable_reason(&u),
+                    retry_at: u.retry_at,
+                })
+            }
         }
     }
 }
@@ -176,7 +190,7 @@ mod tests {
     fn empty_holder_answers_503_with_retry_after() {
         let h = TokenHolder::new();
         let err = h.bearer(Instant::now()).unwrap_err();
-        assert_eq!(err.code(), "token_unavailable");
+        assert!(err.retry_after >= Duration::from_secs(1), "{err:?}");
         assert!(matches!(h.readiness(Instant::now()), Readiness::NotReady(_)));
     }
 
@@ -227,13 +241,9 @@ mod tests {
         assert_eq!(h.bearer(now).unwrap().generation, new);
         assert!(h.retire(new));
         assert!(!h.retire(new), "retired twice");
-        match h.bearer(now).unwrap_err() {
-            ProxyError::TokenUnavailable { reason, retry_after } => {
-                assert_eq!(reason, "refresh failing");
-                assert!(retry_after >= Duration::from_secs(2), "{retry_after:?}");
-            }
-            other => panic!("{other:?}"),
-        }
+        let TokenUnavailable { reason, retry_after } = h.bearer(now).unwrap_err();
+        assert_eq!(reason, "refresh failing");
+        assert!(retry_after >= Duration::from_secs(2), "{retry_after:?}");
     }
 
     #[test]
@@ -242,12 +252,8 @@ mod tests {
         assert_eq!(h.store(HeaderValue::from_static("Bearer a"), None), 1);
         assert_eq!(h.store(HeaderValue::from_static("Bearer b"), None), 2);
         h.clear("rejected".into(), Instant::now() + Duration::from_secs(5));
-        match h.bearer(Instant::now()).unwrap_err() {
-            ProxyError::TokenUnavailable { reason, retry_after } => {
-                assert_eq!(reason, "rejected");
-                assert!(retry_after >= Duration::from_secs(4));
-            }
-            other => panic!("{other:?}"),
-        }
+        let TokenUnavailable { reason, retry_after } = h.bearer(Instant::now()).unwrap_err();
+        assert_eq!(reason, "rejected");
+        assert!(retry_after >= Duration::from_secs(4));
     }
 }

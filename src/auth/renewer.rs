@@ -17,18 +17,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::sync::{watch, Mutex, Notify};
+use tokio::sync::{Mutex, Notify};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::client::{AuthCalls, AuthClient, AuthError, Credentials, Issued};
 use super::clock::{SystemClock, WallClock};
-use super::holder::{Token, TokenHolder};
+use super::holder::{Token, TokenHolder, TokenUnavailable};
 use super::jwt::{lifetime, renew_after, ACCESS_FALLBACK, REFRESH_FALLBACK};
-use crate::error::ProxyError;
 use crate::headers::bearer_value;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RenewalKind, RenewalResult};
 use crate::secret::Secret;
+use crate::shutdown::ShutdownSignal;
 
 /// Why a renewal is asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,7 +159,7 @@ impl<C: AuthCalls> Renewer<C> {
     /// A valid token, renewing first when `trigger` says the current one is missing, rejected or due.
     /// Concurrent callers share one auth call. During a backoff, answers 503 at once (or, for a scheduled
     /// renewal, keeps the still-valid token). After [`Trigger::Rejected`], see [`Renewer::newer_than`].
-    pub async fn renew(&self, trigger: Trigger) -> Result<Arc<Token>, ProxyError> {
+    pub async fn renew(&self, trigger: Trigger) -> Result<Arc<Token>, TokenUnavailable> {
         let mut st = self.state.lock().await;
         let result = self.renew_locked(&mut st, trigger).await;
         match trigger {
@@ -172,7 +172,11 @@ impl<C: AuthCalls> Renewer<C> {
     /// `refused`, or a 503 `token_unavailable`, never `refused` itself (a backoff window, a failed renewal or a
     /// race all end here). Without a newer token, `refused` also leaves the holder, so new requests do not carry
     /// it either; they get the 503 until a renewal succeeds. Called with the single-flight lock held.
-    fn newer_than(&self, refused: u64, result: Result<Arc<Token>, ProxyError>) -> Result<Arc<Token>, ProxyError> {
+    fn newer_than(
+        &self,
+        refused: u64,
+        result: Result<Arc<Token>, TokenUnavailable>,
+    ) -> Result<Arc<Token>, TokenUnavailable> {
         if let Ok(token) = &result {
             if token.generation > refused {
                 return result;
@@ -186,7 +190,7 @@ impl<C: AuthCalls> Renewer<C> {
         }
         match self.holder.bearer(Instant::now()) {
             Ok(token) if token.generation > refused => Ok(token),
-            Ok(_) => Err(ProxyError::TokenUnavailable {
+            Ok(_) => Err(TokenUnavailable {
                 reason: "ZapSign refused the token and no newer one is available yet".to_owned(),
                 retry_after: Duration::from_secs(1),
             }),
@@ -194,7 +198,7 @@ impl<C: AuthCalls> Renewer<C> {
         }
     }
 
-    async fn renew_locked(&self, st: &mut State, trigger: Trigger) -> Result<Arc<Token>, ProxyError> {
+    async fn renew_locked(&self, st: &mut State, trigger: Trigger) -> Result<Arc<Token>, TokenUnavailable> {
         let now = Instant::now();
         if let Some(token) = self.holder.valid_token(now) {
             let stale = match trigger {
@@ -240,7 +244,7 @@ impl<C: AuthCalls> Renewer<C> {
         let now = Instant::now();
         if let Some(refresh) = st.refresh.as_ref().filter(|r| r.expires_at > now) {
             let result = self.bounded(self.client.refresh(&refresh.token)).await;
-            self.metrics.renewal("refresh", &result);
+            self.metrics.renewal(RenewalKind::Refresh, renewal_result(&result));
             match result {
                 Ok(issued) => return Ok(self.store(st, issued)),
                 Err(AuthError::RefreshRejected) => {
@@ -252,7 +256,7 @@ impl<C: AuthCalls> Renewer<C> {
         }
         let credentials = self.credentials.load_full();
         let result = self.bounded(self.client.login(&credentials)).await;
-        self.metrics.renewal("login", &result);
+        self.metrics.renewal(RenewalKind::Login, renewal_result(&result));
         let issued = result?;
         Ok(self.store(st, issued))
     }
@@ -287,7 +291,7 @@ impl<C: AuthCalls> Renewer<C> {
 
     /// The refresher: logs in at once, then renews whenever a renewal (or a retry after a failure) is due,
     /// until `shutdown`.
-    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self: Arc<Self>, mut shutdown: ShutdownSignal) {
         loop {
             let due = {
                 let st = self.state.lock().await;
@@ -299,7 +303,7 @@ impl<C: AuthCalls> Renewer<C> {
             tokio::select! {
                 _ = tokio::time::sleep_until(due) => {}
                 _ = self.wake.notified() => continue,
-                _ = crate::server::stopped(&mut shutdown) => return,
+                () = shutdown.stopped() => return,
             }
             let trigger = match self.holder.valid_token(Instant::now()) {
                 Some(t) => Trigger::Scheduled(t.generation),
@@ -307,6 +311,16 @@ impl<C: AuthCalls> Renewer<C> {
             };
             let _ = self.renew(trigger).await;
         }
+    }
+}
+
+/// How a login or refresh ended, as the renewals metric counts it.
+fn renewal_result(result: &Result<Issued, AuthError>) -> RenewalResult {
+    match result {
+        Ok(_) => RenewalResult::Ok,
+        Err(AuthError::RateLimited) => RenewalResult::RateLimited,
+        Err(AuthError::BadCredentials { .. } | AuthError::RefreshRejected) => RenewalResult::Rejected,
+        Err(_) => RenewalResult::Error,
     }
 }
 

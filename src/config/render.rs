@@ -1,14 +1,7 @@
 //! `--check-config`: the effective configuration as a config file. Fed back with the same environment it loads
 //! to the same configuration and renders the same text, and it never holds a secret.
 
-use std::net::SocketAddr;
-use std::time::Duration;
-
-use ipnet::IpNet;
-use serde::Serializer;
-
-use super::values::format_size;
-use super::Config;
+use super::types::Config;
 
 impl Config {
     /// The effective configuration as a config file (`--check-config`): fed back with the same environment it
@@ -45,25 +38,4 @@ impl Config {
         }
         out
     }
-}
-
-pub(super) fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&humantime::format_duration(*d).to_string())
-}
-
-/// An absent address as `""`, which is how the file turns the listener off.
-pub(super) fn ser_opt_addr<S: Serializer>(a: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
-    match a {
-        Some(a) => s.serialize_str(&a.to_string()),
-        None => s.serialize_str(""),
-    }
-}
-
-/// As the largest binary unit that divides it (`"16MiB"`), else a plain byte count, as a string.
-pub(super) fn ser_size<S: Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format_size(*n))
-}
-
-pub(super) fn ser_networks<S: Serializer>(n: &[IpNet], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(n.iter().map(|n| n.to_string()))
 }

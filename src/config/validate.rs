@@ -11,13 +11,13 @@ use ipnet::IpNet;
 use super::env::{apply_overrides, EnvLookup, Sources};
 use super::error::{ConfigError, Problems};
 use super::raw::{RawAccess, RawAdmin, RawAuth, RawConfig, RawLog, RawOrganizationId, RawServer, RawUpstream};
+use super::types::{
+    AccessConfig, AdminConfig, Auth, AuthConfig, Config, JwtAuth, LogConfig, LogFormat, ServerConfig, ServerTls,
+    StaticAuth, UpstreamConfig,
+};
 use super::values::{
     check_org_id, check_readable, parse_addr, parse_duration, parse_log_filter, parse_size, read_client_keys_file,
     read_secret_file, BaseUrl,
-};
-use super::{
-    AccessConfig, AdminConfig, Auth, AuthConfig, Config, JwtAuth, LogConfig, LogFormat, ServerConfig, ServerTls,
-    StaticAuth, UpstreamConfig,
 };
 use crate::secret::Secret;
 

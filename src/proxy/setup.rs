@@ -11,21 +11,12 @@ use crate::access::AccessPolicy;
 use crate::auth::client::Credentials;
 use crate::auth::renewer::Renewer;
 use crate::auth::TokenHolder;
-use crate::config::{Auth, Config, ConfigError, JwtAuth};
+use crate::config::{Auth, Config, ConfigError};
 use crate::headers::bearer_value;
 use crate::metrics::Metrics;
 use crate::replay::ReplayBudget;
 use crate::tasks::Tasks;
 use crate::upstream::{build_client, build_connector};
-
-/// The login credentials `auth.*` gives in JWT mode.
-pub(crate) fn credentials(jwt: &JwtAuth) -> Credentials {
-    Credentials {
-        organization_id: jwt.organization_id.clone(),
-        username: jwt.username.clone(),
-        password: jwt.password.clone(),
-    }
-}
 
 /// Bytes all requests together may keep for replays: four full replay buffers, at least 64 MiB.
 fn replay_budget(per_request: u64) -> u64 {
@@ -79,7 +70,7 @@ impl Proxy {
         if let (Some(renewer), Auth::Jwt(old), Auth::Jwt(new)) = (&self.renewer, &running.auth.mode, &next.auth.mode) {
             if old.login_differs(new) {
                 info!("new login credentials; logging in with them");
-                renewer.set_credentials(credentials(new)).await;
+                renewer.set_credentials(Credentials::from(new)).await;
             }
         }
         Ok(())

@@ -8,7 +8,6 @@ mod schedule;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -16,10 +15,11 @@ use self::fake::{lives, token, Fake, Next};
 use super::{Backoff, Renewer, Trigger};
 use crate::auth::client::{AuthError, Credentials};
 use crate::auth::clock::FollowsTokio;
+use crate::auth::holder::TokenUnavailable;
 use crate::auth::TokenHolder;
-use crate::error::ProxyError;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RenewalKind, RenewalResult};
 use crate::secret::Secret;
+use crate::shutdown::Shutdown;
 
 /// A renewer driven by a scripted ZapSign, and what the tests look at.
 struct Rig {
@@ -57,9 +57,10 @@ impl Rig {
     }
 
     /// The refresher running in the background, and the switch that stops it.
-    fn start(&self) -> (watch::Sender<bool>, JoinHandle<()>) {
-        let (stop, stopped) = watch::channel(false);
-        (stop, tokio::spawn(self.renewer.clone().run(stopped)))
+    fn start(&self) -> (Shutdown, JoinHandle<()>) {
+        let stop = Shutdown::new();
+        let refresher = tokio::spawn(self.renewer.clone().run(stop.signal()));
+        (stop, refresher)
     }
 
     /// The generation of the token the holder would inject now.
@@ -93,8 +94,8 @@ fn bad_credentials() -> AuthError {
     }
 }
 
-fn is_unavailable<T>(result: &Result<T, ProxyError>) -> bool {
-    matches!(result, Err(ProxyError::TokenUnavailable { .. }))
+fn is_unavailable<T>(result: &Result<T, TokenUnavailable>) -> bool {
+    result.is_err()
 }
 
 #[tokio::test(start_paused = true)]
@@ -131,8 +132,8 @@ async fn a_refused_refresh_token_falls_back_to_login_in_the_same_renewal() {
     let renewed = rig.renewer.renew(Trigger::Scheduled(first)).await.unwrap();
     assert!(renewed.generation > first);
     assert_eq!(rig.zapsign.calls(), ["login", "refresh", "login"]);
-    assert_eq!(rig.metrics.renewals("refresh", "rejected"), 1);
-    assert_eq!(rig.metrics.renewals("login", "ok"), 2);
+    assert_eq!(rig.metrics.renewals(RenewalKind::Refresh, RenewalResult::Rejected), 1);
+    assert_eq!(rig.metrics.renewals(RenewalKind::Login, RenewalResult::Ok), 2);
     // The next renewal refreshes with the refresh token of the new login, not the refused one.
     rig.zapsign.then(token());
     rig.renewer.renew(Trigger::Scheduled(renewed.generation)).await.unwrap();
@@ -156,14 +157,13 @@ async fn a_refusal_during_a_backoff_gets_503_and_the_refused_token_leaves_the_ho
 
     // Now ZapSign refuses that token.
     match r.renew(Trigger::Rejected(first)).await {
-        Err(ProxyError::TokenUnavailable { retry_after, .. }) => {
+        Err(TokenUnavailable { retry_after, .. }) => {
             assert!(retry_after >= Duration::from_secs(1), "{retry_after:?}")
         }
         Ok(t) => panic!(
             "generation {} handed back after generation {first} was refused",
             t.generation
         ),
-        Err(other) => panic!("{other:?}"),
     }
     assert_eq!(rig.injected(), None, "the refused token is still injected");
     assert!(
@@ -232,7 +232,7 @@ async fn a_hanging_auth_call_is_abandoned_at_auth_timeout_and_counted_as_an_erro
     assert_eq!(start.elapsed(), timeout, "abandoned after {:?}", start.elapsed());
     let message = result.unwrap_err().to_string();
     assert!(message.contains("auth.timeout") && message.contains("1s"), "{message}");
-    assert_eq!(rig.metrics.renewals("login", "error"), 1);
+    assert_eq!(rig.metrics.renewals(RenewalKind::Login, RenewalResult::Error), 1);
 
     // The same bound holds for a refresh.
     tokio::time::advance(Duration::from_secs(2)).await;
@@ -245,7 +245,7 @@ async fn a_hanging_auth_call_is_abandoned_at_auth_timeout_and_counted_as_an_erro
         .expect("the hanging refresh held the renewal for 10 minutes");
     assert_eq!(start.elapsed(), timeout);
     assert_eq!(kept.unwrap().generation, first);
-    assert_eq!(rig.metrics.renewals("refresh", "error"), 1);
+    assert_eq!(rig.metrics.renewals(RenewalKind::Refresh, RenewalResult::Error), 1);
 }
 
 #[tokio::test(start_paused = true)]

@@ -28,8 +28,8 @@ async fn until(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 /// Stops the refresher and checks it ended cleanly (a panic in it, such as an unscripted call, fails the test).
-async fn stop(stop: watch::Sender<bool>, refresher: JoinHandle<()>) {
-    let _ = stop.send(true);
+async fn stop(stop: Shutdown, refresher: JoinHandle<()>) {
+    stop.start();
     refresher.await.expect("the refresher panicked");
 }
 
@@ -99,7 +99,7 @@ async fn failures_back_off_with_gaps_that_never_shrink_callers_get_503_and_succe
 
     tokio::time::sleep(Duration::from_millis(100)).await;
     match rig.holder.bearer(Instant::now()) {
-        Err(ProxyError::TokenUnavailable { reason, retry_after }) => {
+        Err(TokenUnavailable { reason, retry_after }) => {
             assert!(reason.contains("rate-limited"), "{reason}");
             assert!((secs(1)..=secs(300)).contains(&retry_after), "{retry_after:?}");
         }
@@ -223,7 +223,7 @@ async fn the_refresher_stops_on_shutdown() {
     let (switch, refresher) = rig.start();
     tokio::time::sleep(secs(1)).await;
     assert_eq!(rig.zapsign.calls(), ["login"]);
-    let _ = switch.send(true);
+    switch.start();
     tokio::time::timeout(Duration::from_millis(10), refresher)
         .await
         .expect("the refresher outlived the shutdown")
