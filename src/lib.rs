@@ -159,11 +159,11 @@ pub async fn run_with_reloads(
         "proxy listening"
     );
     if let Some(reloads) = reloads {
-        let live = reload::Live {
+        let targets = reload::ReloadTargets {
             proxy: proxy.clone(),
             tls: server_tls.clone(),
         };
-        tasks.spawn(reload::apply_all(config.clone(), reloads, live));
+        tasks.spawn(reload::apply_all(config.clone(), reloads, targets));
     }
     let serving = server::serve(
         listeners.proxy,

@@ -26,7 +26,7 @@ use crate::server::TlsCell;
 pub type Reloads = mpsc::Receiver<Config>;
 
 /// What a reload can reach.
-pub(crate) struct Live {
+pub(crate) struct ReloadTargets {
     /// Access policy, tokens and credentials: applied by [`Proxy::reload`].
     pub(crate) proxy: Arc<Proxy>,
     /// The caller-facing TLS identity, when the proxy serves HTTPS.
@@ -34,9 +34,9 @@ pub(crate) struct Live {
 }
 
 /// Applies each configuration received until the channel closes.
-pub(crate) async fn apply_all(mut running: Config, mut reloads: Reloads, live: Live) {
+pub(crate) async fn apply_all(mut running: Config, mut reloads: Reloads, targets: ReloadTargets) {
     while let Some(next) = reloads.recv().await {
-        match apply(&running, &next, &live).await {
+        match apply(&running, &next, &targets).await {
             Ok(()) => {
                 info!("configuration reloaded");
                 running = next;
@@ -46,18 +46,18 @@ pub(crate) async fn apply_all(mut running: Config, mut reloads: Reloads, live: L
     }
 }
 
-async fn apply(running: &Config, next: &Config, live: &Live) -> Result<(), ConfigError> {
+async fn apply(running: &Config, next: &Config, targets: &ReloadTargets) -> Result<(), ConfigError> {
     // Everything that can fail is prepared before anything changes: the TLS identity here, the static token
     // inside `Proxy::reload` before it changes anything, and the identity is stored only once that succeeded.
-    let tls = match (&live.tls, &next.server.tls) {
+    let tls = match (&targets.tls, &next.server.tls) {
         (Some(_), Some(files)) => Some(acceptor(files)?),
         _ => None,
     };
     for key in needs_restart(running, next) {
         warn!(key, "changed in the file but takes effect only after a restart");
     }
-    live.proxy.reload(running, next).await?;
-    if let (Some(cell), Some(acceptor)) = (&live.tls, tls) {
+    targets.proxy.reload(running, next).await?;
+    if let (Some(cell), Some(acceptor)) = (&targets.tls, tls) {
         cell.store(Arc::new(acceptor));
     }
     Ok(())

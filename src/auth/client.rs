@@ -63,17 +63,6 @@ pub enum AuthError {
     Network(String),
 }
 
-impl AuthError {
-    /// The metrics `result` label for this failure.
-    pub fn result_label(&self) -> &'static str {
-        match self {
-            Self::RateLimited => "rate_limited",
-            Self::BadCredentials { .. } | Self::RefreshRejected => "rejected",
-            _ => "error",
-        }
-    }
-}
-
 #[derive(Deserialize)]
 struct TokenBody {
     access: Option<String>,
