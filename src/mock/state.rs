@@ -91,6 +91,8 @@ impl Recorded {
 pub struct Arrival {
     /// When it arrived.
     pub at: std::time::Instant,
+    /// When it arrived, on the wall clock (the rate limit's windows are aligned on it).
+    pub wall: std::time::SystemTime,
     /// The Bearer token it carried, if any.
     pub token: Option<String>,
     /// Whether the mock's rate limit answered it 429.
@@ -254,6 +256,7 @@ impl MockState {
     pub(super) fn admit_api_call(&self, token: Option<String>) -> Option<Duration> {
         let config = self.config();
         let at = std::time::Instant::now();
+        let wall = std::time::SystemTime::now();
         let mut limited = None;
         if self
             .rate_limited_api_calls
@@ -262,7 +265,7 @@ impl MockState {
         {
             limited = Some(Duration::from_secs(1));
         } else if config.api_rate_limit > 0 {
-            let since = std::time::SystemTime::now()
+            let since = wall
                 .duration_since(std::time::SystemTime::UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_nanos();
@@ -285,6 +288,7 @@ impl MockState {
         }
         arrivals.push_back(Arrival {
             at,
+            wall,
             token,
             limited: limited.is_some(),
         });
