@@ -462,6 +462,40 @@ mod tests {
             .contains("zapsign_proxy_token_expires_in_seconds 1.500\n"));
     }
 
+    #[tokio::test]
+    async fn pacing_metrics_render_waits_refusals_and_the_queue_depth_at_scrape_time() {
+        let m = Metrics::new();
+        m.pacing_wait(Duration::ZERO);
+        m.pacing_wait(Duration::from_secs(3));
+        m.rate_limited(RateLimitedBy::Proxy);
+        m.rate_limited(RateLimitedBy::Upstream);
+        m.rate_limited(RateLimitedBy::Upstream);
+        let text = m.render(TokenExpiry::NoToken);
+        assert!(
+            text.contains("zapsign_proxy_pacing_wait_seconds_bucket{le=\"0.001\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("zapsign_proxy_pacing_wait_seconds_bucket{le=\"5\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("zapsign_proxy_pacing_wait_seconds_count 2"));
+        assert!(text.contains("zapsign_proxy_rate_limited_total{by=\"proxy\"} 1"));
+        assert!(text.contains("zapsign_proxy_rate_limited_total{by=\"upstream\"} 2"));
+        // No pacer: no queue depth.
+        assert!(!text.contains("zapsign_proxy_pacing_queue_depth"));
+        let pacer = Pacer::start(crate::pacing::Settings {
+            limit: 5,
+            period: Duration::from_secs(60),
+            max_wait: Duration::from_secs(1),
+            queue_limit: 10,
+        });
+        m.watch_pacer(&pacer);
+        assert!(m
+            .render(TokenExpiry::NoToken)
+            .contains("zapsign_proxy_pacing_queue_depth 0\n"));
+    }
+
     /// The counters are indexed by discriminant: each `ALL` must list its enum in declaration order.
     #[test]
     fn label_enums_index_their_own_slots() {

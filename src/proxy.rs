@@ -519,3 +519,22 @@ fn caller_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
     }
     false
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_upstreams_retry_after_counts_only_as_whole_seconds() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(http::header::RETRY_AFTER, HeaderValue::from_str(v).unwrap());
+            retry_after_secs(&h)
+        };
+        assert_eq!(with("7"), Some(Duration::from_secs(7)));
+        assert_eq!(with(" 0 "), Some(Duration::ZERO));
+        assert_eq!(with("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(with("-1"), None);
+        assert_eq!(retry_after_secs(&HeaderMap::new()), None);
+    }
+}
