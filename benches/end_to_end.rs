@@ -44,7 +44,7 @@ async fn upstream() -> SocketAddr {
 async fn proxy(upstream: SocketAddr) -> SocketAddr {
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[upstream]\nurl = \"http://{upstream}\"\n\
-         [auth]\nmode = \"static\"\napi_token = \"{}\"\n",
+         [auth]\nmode = \"static\"\napi_token = \"{}\"\n[pacing]\nlimit = 0\n",
         "t".repeat(200)
     );
     let config = Config::from_toml(&text, &|_| None).unwrap();

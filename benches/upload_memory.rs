@@ -56,7 +56,7 @@ impl Proxy {
         let path = dir.join(format!("{}.toml", auth.len()));
         let text = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 1\n[admin]\nlisten = \"\"\n[upstream]\nurl = \"http://{upstream}\"\n\
-             {auth}[log]\nformat = \"json\"\nlevel = \"info\"\n"
+             {auth}[log]\nformat = \"json\"\nlevel = \"info\"\n[pacing]\nlimit = 0\n"
         );
         std::fs::write(&path, text).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_zapsign-proxy"))

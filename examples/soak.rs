@@ -76,7 +76,7 @@ impl Proxy {
         let text = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"{upstream}\"\n\
              [auth]\norganization_id = \"{}\"\nusername = \"{}\"\npassword = \"{}\"\nrefresh_margin = \"3s\"\n\
-             [log]\nformat = \"json\"\n",
+             [log]\nformat = \"json\"\n[pacing]\nlimit = 0\n",
             zapsign_proxy::mock::DEMO_ORGANIZATION_ID,
             zapsign_proxy::mock::DEMO_USERNAME,
             zapsign_proxy::mock::DEMO_PASSWORD

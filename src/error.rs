@@ -81,6 +81,10 @@ pub enum ProxyError {
         /// When a token may be there.
         retry_after: Duration,
     },
+    /// Pacing: no slot within `pacing.max_wait`, or `pacing.queue_limit` requests already wait. Nothing was sent
+    /// upstream.
+    #[error("{0}")]
+    RateLimited(crate::pacing::Refused),
     /// The upstream did not send response headers within `upstream.response_timeout`.
     #[error("the ZapSign upstream sent no response headers within upstream.response_timeout ({timeout:?})")]
     UpstreamTimeout {
@@ -97,6 +101,7 @@ impl ProxyError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::ProxyAuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             Self::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -109,13 +114,14 @@ impl ProxyError {
             Self::Forbidden(_) => "forbidden",
             Self::ProxyAuthRequired => "proxy_auth_required",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
+            Self::RateLimited(_) => "rate_limited",
             Self::TokenUnavailable { .. } => "token_unavailable",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
         }
     }
 
     /// The contract's response: JSON body `{"error", "message"}`, `x-zapsign-proxy-error`, and `Retry-After`
-    /// for 503 (whole seconds, rounded up, at least 1).
+    /// for 503 and 429 (whole seconds, rounded up, at least 1).
     pub fn to_response(&self) -> Response<Full<Bytes>> {
         let body = serde_json::json!({ "error": self.code(), "message": self.to_string() });
         let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
@@ -126,6 +132,9 @@ impl ProxyError {
         if let Self::TokenUnavailable { retry_after, .. } = self {
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             h.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        if let Self::RateLimited(refused) = self {
+            h.insert(RETRY_AFTER, HeaderValue::from(refused.retry_after_secs()));
         }
         if let Self::BadRequest(_) = self {
             // After a request we refused to parse or route, nothing later on this connection is trusted.
@@ -180,6 +189,14 @@ mod tests {
                 "token_unavailable",
             ),
             (
+                ProxyError::RateLimited(crate::pacing::Refused::TimedOut {
+                    max_wait: Duration::from_secs(30),
+                    retry_after: Duration::from_millis(1500),
+                }),
+                429,
+                "rate_limited",
+            ),
+            (
                 ProxyError::UpstreamTimeout {
                     timeout: Duration::from_secs(2),
                 },
@@ -191,7 +208,7 @@ mod tests {
             let resp = err.to_response();
             assert_eq!(resp.status().as_u16(), status);
             assert_eq!(resp.headers()[&X_ZAPSIGN_PROXY_ERROR], code);
-            if status == 503 {
+            if status == 503 || status == 429 {
                 assert_eq!(resp.headers()[RETRY_AFTER], "2");
             }
             let json = body_json(resp).await;

@@ -6,10 +6,85 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
+
+use crate::pacing::Pacer;
 
 /// Upper bounds of the request duration histogram, in seconds.
 const BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+/// Upper bounds of the pacing wait histogram, in seconds (waits reach `pacing.max_wait`, 30 s by default).
+const WAIT_BUCKETS: [f64; 12] = [0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0];
+
+/// The `by` label of `zapsign_proxy_rate_limited_total`: who answered 429.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateLimitedBy {
+    /// Pacing refused the request (no slot within `pacing.max_wait`, or the queue full); nothing was sent.
+    Proxy,
+    /// ZapSign answered 429.
+    Upstream,
+}
+
+impl RateLimitedBy {
+    /// Every value, in the order the metric renders them.
+    pub const ALL: [Self; 2] = [Self::Proxy, Self::Upstream];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Proxy => "proxy",
+            Self::Upstream => "upstream",
+        }
+    }
+}
+
+/// A histogram of durations over fixed bounds: one relaxed add per observation.
+#[derive(Debug)]
+struct Histogram<const N: usize> {
+    bounds: [f64; N],
+    /// Per-bucket (not cumulative) counts; the slot past the bounds counts durations above the largest bound.
+    /// There is no separate count: `+Inf` and `_count` are the sum of one read of these slots, so a scrape
+    /// never shows `+Inf` below a finite bucket, however observations race with it.
+    counts: Vec<AtomicU64>,
+    sum_ns: AtomicU64,
+}
+
+impl<const N: usize> Histogram<N> {
+    fn new(bounds: [f64; N]) -> Self {
+        Self {
+            bounds,
+            counts: (0..=N).map(|_| AtomicU64::new(0)).collect(),
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+
+    fn observe(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        let i = self.bounds.iter().position(|b| secs <= *b).unwrap_or(N);
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns
+            .fetch_add(elapsed.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) -> std::fmt::Result {
+        writeln!(out, "# HELP {name} {help}")?;
+        writeln!(out, "# TYPE {name} histogram")?;
+        // Each slot is read once, and every rendered number derives from that one read: the buckets are
+        // cumulative and monotone, and `+Inf` equals `_count`.
+        let counts: Vec<u64> = self.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let mut cumulative = 0u64;
+        for (bound, n) in self.bounds.iter().zip(&counts) {
+            cumulative = cumulative.saturating_add(*n);
+            writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}")?;
+        }
+        let count = cumulative.saturating_add(counts[N]);
+        writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}")?;
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        writeln!(out, "{name}_sum {sum}")?;
+        writeln!(out, "{name}_count {count}")
+    }
+}
 
 /// The `kind` label of `zapsign_proxy_token_renewals_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,11 +176,11 @@ pub enum TokenExpiry {
 #[derive(Debug)]
 pub struct Metrics {
     requests: [AtomicU64; 600],
-    /// Per-bucket (not cumulative) request counts; the last slot counts durations above the largest bound.
-    /// There is no separate count: `+Inf` and `_count` are the sum of one read of these slots, so a scrape
-    /// never shows `+Inf` below a finite bucket, however requests race with it.
-    buckets: [AtomicU64; BUCKETS.len() + 1],
-    duration_sum_ns: AtomicU64,
+    durations: Histogram<{ BUCKETS.len() }>,
+    pacing_waits: Histogram<{ WAIT_BUCKETS.len() }>,
+    rate_limited: [AtomicU64; RateLimitedBy::ALL.len()],
+    /// The pacer, read at scrape time for the queue depth; unset while pacing is off.
+    pacer: OnceLock<Weak<Pacer>>,
     upstream_errors: [AtomicU64; UpstreamErrorKind::ALL.len()],
     renewals: [[AtomicU64; RenewalResult::ALL.len()]; RenewalKind::ALL.len()],
     replays: AtomicU64,
@@ -122,8 +197,10 @@ impl Metrics {
     pub fn new() -> Self {
         Self {
             requests: std::array::from_fn(|_| AtomicU64::new(0)),
-            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-            duration_sum_ns: AtomicU64::new(0),
+            durations: Histogram::new(BUCKETS),
+            pacing_waits: Histogram::new(WAIT_BUCKETS),
+            rate_limited: std::array::from_fn(|_| AtomicU64::new(0)),
+            pacer: OnceLock::new(),
             upstream_errors: std::array::from_fn(|_| AtomicU64::new(0)),
             renewals: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             replays: AtomicU64::new(0),
@@ -135,11 +212,27 @@ impl Metrics {
         if let Some(slot) = self.requests.get(status as usize) {
             slot.fetch_add(1, Ordering::Relaxed);
         }
-        let secs = elapsed.as_secs_f64();
-        let i = BUCKETS.iter().position(|b| secs <= *b).unwrap_or(BUCKETS.len());
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.duration_sum_ns
-            .fetch_add(elapsed.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+        self.durations.observe(elapsed);
+    }
+
+    /// A request got its pacing slot after `waited`.
+    pub fn pacing_wait(&self, waited: Duration) {
+        self.pacing_waits.observe(waited);
+    }
+
+    /// A 429: pacing refused a request, or ZapSign answered one.
+    pub fn rate_limited(&self, by: RateLimitedBy) {
+        self.rate_limited[by as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// 429s counted so far by `by` (tests).
+    pub fn rate_limited_count(&self, by: RateLimitedBy) -> u64 {
+        self.rate_limited[by as usize].load(Ordering::Relaxed)
+    }
+
+    /// Shows `pacer`'s queue depth at each scrape (`zapsign_proxy_pacing_queue_depth`); the first call wins.
+    pub fn watch_pacer(&self, pacer: &Arc<Pacer>) {
+        let _ = self.pacer.set(Arc::downgrade(pacer));
     }
 
     /// A failure towards the upstream.
@@ -181,30 +274,11 @@ impl Metrics {
                 writeln!(out, "zapsign_proxy_requests_total{{status=\"{status}\"}} {n}")?;
             }
         }
-        writeln!(
+        self.durations.render(
             out,
-            "# HELP zapsign_proxy_request_duration_seconds Time from request head to response head."
+            "zapsign_proxy_request_duration_seconds",
+            "Time from request head to response head.",
         )?;
-        writeln!(out, "# TYPE zapsign_proxy_request_duration_seconds histogram")?;
-        // Each slot is read once, and every rendered number derives from that one read: the buckets are
-        // cumulative and monotone, and `+Inf` equals `_count`.
-        let counts: [u64; BUCKETS.len() + 1] = std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed));
-        let mut cumulative = 0u64;
-        for (bound, n) in BUCKETS.iter().zip(&counts) {
-            cumulative = cumulative.saturating_add(*n);
-            writeln!(
-                out,
-                "zapsign_proxy_request_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
-            )?;
-        }
-        let count = cumulative.saturating_add(counts[BUCKETS.len()]);
-        writeln!(
-            out,
-            "zapsign_proxy_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
-        )?;
-        let sum = self.duration_sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
-        writeln!(out, "zapsign_proxy_request_duration_seconds_sum {sum}")?;
-        writeln!(out, "zapsign_proxy_request_duration_seconds_count {count}")?;
         writeln!(
             out,
             "# HELP zapsign_proxy_upstream_errors_total Failures towards the upstream, by kind."
@@ -251,6 +325,32 @@ impl Metrics {
             "zapsign_proxy_unauthorized_replays_total {}",
             self.replays.load(Ordering::Relaxed)
         )?;
+        self.pacing_waits.render(
+            out,
+            "zapsign_proxy_pacing_wait_seconds",
+            "Time requests waited for a slot in the account's rate limit (pacing).",
+        )?;
+        if let Some(pacer) = self.pacer.get().and_then(Weak::upgrade) {
+            writeln!(
+                out,
+                "# HELP zapsign_proxy_pacing_queue_depth Requests waiting for a slot in the account's rate limit."
+            )?;
+            writeln!(out, "# TYPE zapsign_proxy_pacing_queue_depth gauge")?;
+            writeln!(out, "zapsign_proxy_pacing_queue_depth {}", pacer.queue_depth())?;
+        }
+        writeln!(
+            out,
+            "# HELP zapsign_proxy_rate_limited_total Requests answered 429, by who refused them (proxy: pacing; upstream: ZapSign)."
+        )?;
+        writeln!(out, "# TYPE zapsign_proxy_rate_limited_total counter")?;
+        for (by, n) in RateLimitedBy::ALL.iter().zip(&self.rate_limited) {
+            writeln!(
+                out,
+                "zapsign_proxy_rate_limited_total{{by=\"{}\"}} {}",
+                by.as_str(),
+                n.load(Ordering::Relaxed)
+            )?;
+        }
         Ok(())
     }
 }
@@ -360,6 +460,40 @@ mod tests {
         assert!(m
             .render(TokenExpiry::In(Duration::from_millis(1500)))
             .contains("zapsign_proxy_token_expires_in_seconds 1.500\n"));
+    }
+
+    #[tokio::test]
+    async fn pacing_metrics_render_waits_refusals_and_the_queue_depth_at_scrape_time() {
+        let m = Metrics::new();
+        m.pacing_wait(Duration::ZERO);
+        m.pacing_wait(Duration::from_secs(3));
+        m.rate_limited(RateLimitedBy::Proxy);
+        m.rate_limited(RateLimitedBy::Upstream);
+        m.rate_limited(RateLimitedBy::Upstream);
+        let text = m.render(TokenExpiry::NoToken);
+        assert!(
+            text.contains("zapsign_proxy_pacing_wait_seconds_bucket{le=\"0.001\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("zapsign_proxy_pacing_wait_seconds_bucket{le=\"5\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("zapsign_proxy_pacing_wait_seconds_count 2"));
+        assert!(text.contains("zapsign_proxy_rate_limited_total{by=\"proxy\"} 1"));
+        assert!(text.contains("zapsign_proxy_rate_limited_total{by=\"upstream\"} 2"));
+        // No pacer: no queue depth.
+        assert!(!text.contains("zapsign_proxy_pacing_queue_depth"));
+        let pacer = Pacer::start(crate::pacing::Settings {
+            limit: 5,
+            period: Duration::from_secs(60),
+            max_wait: Duration::from_secs(1),
+            queue_limit: 10,
+        });
+        m.watch_pacer(&pacer);
+        assert!(m
+            .render(TokenExpiry::NoToken)
+            .contains("zapsign_proxy_pacing_queue_depth 0\n"));
     }
 
     /// The counters are indexed by discriminant: each `ALL` must list its enum in declaration order.

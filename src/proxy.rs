@@ -28,7 +28,8 @@ use crate::error::{error_chain, ProxyError};
 use crate::headers::{
     ensure_request_id, fit_to_upstream_version, remove_hop_by_hop, set_authorization, unframed_body, X_REQUEST_ID,
 };
-use crate::metrics::{Metrics, UpstreamErrorKind};
+use crate::metrics::{Metrics, RateLimitedBy, UpstreamErrorKind};
+use crate::pacing::{CallerId, Pacer};
 use crate::replay::{ForwardBody, ReplayBudget, SentBody};
 use crate::rewrite::{rewrite_head, upstream_target, RewriteContext};
 use crate::tasks::Tasks;
@@ -54,6 +55,11 @@ pub struct Proxy {
     holder: Arc<TokenHolder>,
     /// JWT mode: renews tokens; `None` in static mode, where a 401 passes through.
     renewer: Option<Arc<Renewer>>,
+    /// The account's budget (`pacing.*`); `None` when `pacing.limit = 0`.
+    pacer: Option<Arc<Pacer>>,
+    /// `auth.timeout`: how long a body may take to come back from a refused exchange (401 or 429) to be sent
+    /// again.
+    body_return_timeout: Duration,
     /// `auth.replay_buffer`.
     replay_limit: u64,
     /// Bytes kept for replays across all requests.
@@ -204,19 +210,119 @@ impl Proxy {
             request_id,
         };
         rewrite_head(&mut parts, target, &rewrite);
-        let Some(renewer) = &self.renewer else {
+        let pacer = self.pacer.as_deref();
+        if self.renewer.is_none() && pacer.is_none() {
+            // Static mode without pacing: nothing is ever sent twice, so nothing of the body is kept.
             return self
                 .send(Request::from_parts(parts, ForwardBody::Plain(body)), ctx)
                 .await;
-        };
+        }
+        let caller = pacer.map(|_| match &ctx.key_id {
+            Some(key) => CallerId::Key(key.clone()),
+            None => CallerId::Ip(conn.peer.ip().to_canonical()),
+        });
         let (body, sent_body) = ForwardBody::tee(body, self.replay_limit, &self.replay_budget);
         let head = Head::of(&parts);
-        let resp = self.send(Request::from_parts(parts, body), ctx).await?;
-        if resp.status() != StatusCode::UNAUTHORIZED {
-            return Ok(resp);
+        let paced_from = Instant::now();
+        let resp = self
+            .paced_send(Request::from_parts(parts, body), caller.as_ref(), ctx)
+            .await?;
+        match (resp.status(), &self.renewer, pacer) {
+            // Boxed: the replay path is rare and large; inline it would grow every request's future.
+            (StatusCode::UNAUTHORIZED, Some(renewer), _) => {
+                Box::pin(self.replay_after_401(resp, head, sent_body, token.generation, renewer, caller.as_ref(), ctx))
+                    .await
+            }
+            (StatusCode::TOO_MANY_REQUESTS, _, Some(pacer)) => {
+                Box::pin(self.resend_after_429(resp, head, sent_body, pacer, caller.as_ref(), paced_from, ctx)).await
+            }
+            _ => Ok(resp),
         }
-        // Boxed: the replay path is rare and large; inline it would grow every request's future.
-        Box::pin(self.replay_after_401(resp, head, sent_body, token.generation, renewer, ctx)).await
+    }
+
+    /// Sends `req` once pacing grants it a slot (at once without pacing). A refusal sends nothing and answers
+    /// 429 `rate_limited`; an upstream 429 pauses the pacer until the upstream's `Retry-After` (or the next
+    /// period boundary), so nothing more is sent before it ends.
+    async fn paced_send(
+        &self,
+        req: Request<ForwardBody>,
+        caller: Option<&CallerId>,
+        ctx: &mut RequestContext<'_>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let (Some(pacer), Some(caller)) = (self.pacer.as_deref(), caller) else {
+            return self.send(req, ctx).await;
+        };
+        match pacer.acquire(caller).await {
+            Ok(granted) => self.metrics.pacing_wait(granted.waited),
+            Err(refused) => {
+                self.metrics.rate_limited(RateLimitedBy::Proxy);
+                return Err(ProxyError::RateLimited(refused));
+            }
+        }
+        let resp = self.send(req, ctx).await?;
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+            self.metrics.rate_limited(RateLimitedBy::Upstream);
+            let retry_after = retry_after_secs(resp.headers());
+            pacer.pause_after_upstream_429(retry_after);
+            warn!(
+                retry_after_s = retry_after.map(|d| d.as_secs()),
+                "ZapSign answered 429: pausing every request until its rate limit window ends"
+            );
+        }
+        Ok(resp)
+    }
+
+    /// The upstream answered 429 (the account's budget was spent by someone else too): ZapSign refused the
+    /// request unprocessed, so it is sent once more after the pause when its body is still at hand and the
+    /// pause ends within `pacing.max_wait` of when the request started waiting; else the 429 passes on.
+    #[allow(clippy::too_many_arguments)]
+    async fn resend_after_429(
+        &self,
+        first: Response<Incoming>,
+        head: Head,
+        sent_body: Option<oneshot::Receiver<SentBody>>,
+        pacer: &Pacer,
+        caller: Option<&CallerId>,
+        paced_from: Instant,
+        ctx: &mut RequestContext<'_>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let deadline = paced_from + pacer.settings().max_wait;
+        if pacer.paused_until().is_some_and(|until| until > deadline) {
+            info!("upstream answered 429 and its pause outlasts pacing.max_wait; passing the 429 on");
+            return Ok(first);
+        }
+        let body = match sent_body {
+            None => Some(ForwardBody::Empty),
+            Some(rx) => match tokio::time::timeout(self.body_return_timeout, rx).await {
+                Ok(Ok(kept)) if kept.replayable() => Some(ForwardBody::replay(kept)),
+                _ => None,
+            },
+        };
+        let Some(body) = body else {
+            info!("upstream answered 429 and the request body is no longer at hand; passing the 429 on");
+            return Ok(first);
+        };
+        let (Some(caller), true) = (caller, Instant::now() < deadline) else {
+            return Ok(first);
+        };
+        let granted = match tokio::time::timeout_at(deadline, pacer.acquire(caller)).await {
+            Ok(Ok(granted)) => granted,
+            _ => {
+                info!("no pacing slot after the upstream's 429 within pacing.max_wait; passing the 429 on");
+                return Ok(first);
+            }
+        };
+        self.metrics.pacing_wait(granted.waited);
+        drop(first);
+        info!("sending again after the upstream's 429 pause");
+        // Over the pool: the affine connection may still be finishing the refused exchange.
+        ctx.affinity = None;
+        let resp = self.send(head.into_request(body), ctx).await?;
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+            self.metrics.rate_limited(RateLimitedBy::Upstream);
+            pacer.pause_after_upstream_429(retry_after_secs(resp.headers()));
+        }
+        Ok(resp)
     }
 
     /// The token to inject; in JWT mode a missing one is renewed (or waited for) first.
@@ -238,6 +344,7 @@ impl Proxy {
     ///
     /// The replay carries a token newer than the refused one or does not happen: the renewer answers a refusal
     /// with a newer token or a 503 (and drops the refused token), and the check here holds even if it did not.
+    #[allow(clippy::too_many_arguments)]
     async fn replay_after_401(
         &self,
         first: Response<Incoming>,
@@ -245,6 +352,7 @@ impl Proxy {
         sent_body: Option<oneshot::Receiver<SentBody>>,
         generation: u64,
         renewer: &Arc<Renewer>,
+        caller: Option<&CallerId>,
         ctx: &mut RequestContext<'_>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let body = match sent_body {
@@ -289,7 +397,7 @@ impl Proxy {
         );
         // A replay goes over the pool: the affine connection may still be finishing the refused exchange.
         ctx.affinity = None;
-        self.send(req, ctx).await
+        self.paced_send(req, caller, ctx).await
     }
 
     async fn send(
@@ -371,6 +479,19 @@ impl Proxy {
     }
 }
 
+/// The upstream's `Retry-After` when it is whole seconds (ZapSign's form); a date or anything else is ignored
+/// (the pause then runs to the next period boundary).
+fn retry_after_secs(headers: &HeaderMap) -> Option<Duration> {
+    let secs = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(Duration::from_secs(secs))
+}
+
 /// The holder's (or renewer's) "no token" as the contract's 503 `token_unavailable`, with its `Retry-After`.
 fn token_unavailable(e: TokenUnavailable) -> ProxyError {
     ProxyError::TokenUnavailable {
@@ -397,4 +518,23 @@ fn caller_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
         current = err.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_upstreams_retry_after_counts_only_as_whole_seconds() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(http::header::RETRY_AFTER, HeaderValue::from_str(v).unwrap());
+            retry_after_secs(&h)
+        };
+        assert_eq!(with("7"), Some(Duration::from_secs(7)));
+        assert_eq!(with(" 0 "), Some(Duration::ZERO));
+        assert_eq!(with("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(with("-1"), None);
+        assert_eq!(retry_after_secs(&HeaderMap::new()), None);
+    }
 }

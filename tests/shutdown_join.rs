@@ -56,6 +56,7 @@ fn start_proxy(
             let env = move |name: &str| match name {
                 "ZAPSIGN_PROXY_UPSTREAM_URL" => Some(upstream.clone()),
                 "ZAPSIGN_PROXY_LISTEN" | "ZAPSIGN_PROXY_ADMIN_LISTEN" => Some("127.0.0.1:0".into()),
+                "ZAPSIGN_PROXY_PACING_LIMIT" => Some("0".into()),
                 _ => None,
             };
             let config = Config::from_toml(&text, &env).expect("test config is valid");

@@ -28,7 +28,7 @@ struct Override {
 /// Every variable the configuration reads. A blank secret or key list counts as unset (an empty
 /// `ZAPSIGN_PROXY_CLIENT_KEYS` must not quietly turn off the keys the file requires); a blank address does
 /// not (`ZAPSIGN_PROXY_ADMIN_LISTEN=""` turns the admin listener off, as `admin.listen = ""` does).
-static OVERRIDES: [Override; 10] = [
+static OVERRIDES: [Override; 11] = [
     Override {
         var: "ZAPSIGN_PROXY_LISTEN",
         key: "server.listen",
@@ -76,6 +76,11 @@ static OVERRIDES: [Override; 10] = [
             let keys = parse_client_keys(&v.replace(',', "\n"));
             !keys.is_empty() && set(&mut raw.access.client_keys, keys)
         },
+    },
+    Override {
+        var: "ZAPSIGN_PROXY_PACING_LIMIT",
+        key: "pacing.limit",
+        write: |raw, v| set(&mut raw.pacing.limit, v),
     },
     Override {
         var: "RUST_LOG",

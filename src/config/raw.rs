@@ -24,6 +24,8 @@ pub(super) struct RawConfig {
     pub(super) access: RawAccess,
     #[serde(default)]
     pub(super) log: RawLog,
+    #[serde(default)]
+    pub(super) pacing: RawPacing,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -102,6 +104,17 @@ pub(super) struct RawLog {
     pub(super) rust_log: Option<String>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPacing {
+    /// A whole number in the file; kept as text because `ZAPSIGN_PROXY_PACING_LIMIT` writes text here too.
+    #[serde(default, deserialize_with = "whole_number_as_text")]
+    pub(super) limit: Option<String>,
+    pub(super) period: Option<String>,
+    pub(super) max_wait: Option<String>,
+    pub(super) queue_limit: Option<usize>,
+}
+
 /// A TOML integer that must fit `usize`, as its decimal text.
 fn whole_number_as_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     Ok(Option::<usize>::deserialize(d)?.map(|n| n.to_string()))
@@ -132,9 +145,10 @@ pub(super) fn parse_raw(text: &str, origin: &Path) -> Result<RawConfig, ConfigEr
             "auth" => value.try_into::<RawAuth>().map(drop),
             "access" => value.try_into::<RawAccess>().map(drop),
             "log" => value.try_into::<RawLog>().map(drop),
+            "pacing" => value.try_into::<RawPacing>().map(drop),
             other => {
                 p.note(parse_error(format!(
-                    "unknown section `[{other}]`; the sections are server, admin, upstream, auth, access and log"
+                    "unknown section `[{other}]`; the sections are server, admin, upstream, auth, access, log and pacing"
                 )));
                 continue;
             }

@@ -1,7 +1,7 @@
 //! `--check-config`: the effective configuration as a config file. Fed back with the same environment it loads
 //! to the same configuration and renders the same text, and it never holds a secret.
 
-use super::types::Config;
+use super::types::{Config, PacingKeys};
 
 impl Config {
     /// The effective configuration as a config file (`--check-config`): fed back with the same environment it
@@ -16,6 +16,7 @@ impl Config {
             ("auth", toml::to_string_pretty(&self.auth)),
             ("access", toml::to_string_pretty(&self.access)),
             ("log", toml::to_string_pretty(&self.log)),
+            ("pacing", toml::to_string_pretty(&PacingKeys::of(self.pacing.as_ref()))),
         ];
         let mut out = String::new();
         for (name, body) in sections {

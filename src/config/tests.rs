@@ -370,3 +370,53 @@ fn an_environment_secret_wins_over_the_file_key_but_not_over_a_conflict() {
         "{err}"
     );
 }
+
+#[test]
+fn pacing_defaults_to_the_accounts_budget_and_zero_turns_it_off() {
+    let c = Config::from_toml(STATIC, &env_of(&[])).unwrap();
+    assert_eq!(
+        c.pacing,
+        Some(crate::pacing::Settings {
+            limit: 500,
+            period: Duration::from_secs(60),
+            max_wait: Duration::from_secs(30),
+            queue_limit: 1000,
+        })
+    );
+    let text = format!("{STATIC}[pacing]\nlimit = 20\nperiod = \"1s\"\nmax_wait = \"2s\"\nqueue_limit = 5\n");
+    let c = Config::from_toml(&text, &env_of(&[])).unwrap();
+    let s = c.pacing.unwrap();
+    assert_eq!(
+        (s.limit, s.period, s.max_wait, s.queue_limit),
+        (20, Duration::from_secs(1), Duration::from_secs(2), 5)
+    );
+    // The token is not rendered (a secret): the round trip brings it by the environment.
+    let token = [("ZAPSIGN_API_TOKEN", "t0k3n")];
+    let again = Config::from_toml(&c.to_redacted_toml(), &env_of(&token)).unwrap();
+    assert_eq!(again.pacing, c.pacing);
+    // The environment wins over the file; 0 builds no pacer and renders as `limit = 0` alone.
+    let off = Config::from_toml(&text, &env_of(&[("ZAPSIGN_PROXY_PACING_LIMIT", "0")])).unwrap();
+    assert_eq!(off.pacing, None);
+    assert!(off.to_redacted_toml().contains("[pacing]\nlimit = 0\n"));
+    assert_eq!(
+        Config::from_toml(&off.to_redacted_toml(), &env_of(&token))
+            .unwrap()
+            .pacing,
+        None
+    );
+}
+
+#[test]
+fn a_bad_pacing_value_names_its_key() {
+    let text = format!("{STATIC}[pacing]\nlimit = -1\n");
+    let err = Config::from_toml(&text, &env_of(&[])).unwrap_err().to_string();
+    assert!(err.contains("limit = -1"), "{err}");
+    let err = Config::from_toml(STATIC, &env_of(&[("ZAPSIGN_PROXY_PACING_LIMIT", "lots")]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("pacing.limit (from ZAPSIGN_PROXY_PACING_LIMIT)"), "{err}");
+    let err = Config::from_toml(&format!("{STATIC}[pacing]\nperiod = \"0s\"\n"), &env_of(&[]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("pacing.period"), "{err}");
+}

@@ -27,6 +27,9 @@ pub struct Config {
     pub access: AccessConfig,
     /// Logging.
     pub log: LogConfig,
+    /// `pacing.*`: the account's budget; `None` when `pacing.limit = 0` turns pacing off (no pacer is built).
+    #[serde(skip)]
+    pub pacing: Option<crate::pacing::Settings>,
     /// Secrets given inline or by the environment (`auth.password`, ...): `--check-config` can only say they are
     /// set, as a comment. A secret from a file shows as its file key instead.
     #[serde(skip)]
@@ -198,6 +201,44 @@ pub struct LogConfig {
     /// Why a `RUST_LOG` that was set is ignored, to report once logging is up (the value is no secret).
     #[serde(skip)]
     pub rust_log_refused: Option<String>,
+}
+
+/// `pacing.*` as `--check-config` writes it: every key while pacing is on, only `limit = 0` while it is off.
+#[derive(Debug, Serialize)]
+pub(super) struct PacingKeys {
+    limit: u32,
+    #[serde(serialize_with = "ser_opt_duration", skip_serializing_if = "Option::is_none")]
+    period: Option<Duration>,
+    #[serde(serialize_with = "ser_opt_duration", skip_serializing_if = "Option::is_none")]
+    max_wait: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queue_limit: Option<usize>,
+}
+
+impl PacingKeys {
+    pub(super) fn of(settings: Option<&crate::pacing::Settings>) -> Self {
+        match settings {
+            Some(s) => Self {
+                limit: s.limit,
+                period: Some(s.period),
+                max_wait: Some(s.max_wait),
+                queue_limit: Some(s.queue_limit),
+            },
+            None => Self {
+                limit: 0,
+                period: None,
+                max_wait: None,
+                queue_limit: None,
+            },
+        }
+    }
+}
+
+fn ser_opt_duration<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => ser_duration(d, s),
+        None => s.serialize_none(),
+    }
 }
 
 fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

@@ -10,7 +10,9 @@ use ipnet::IpNet;
 
 use super::env::{apply_overrides, EnvLookup, Sources};
 use super::error::{ConfigError, Problems};
-use super::raw::{RawAccess, RawAdmin, RawAuth, RawConfig, RawLog, RawOrganizationId, RawServer, RawUpstream};
+use super::raw::{
+    RawAccess, RawAdmin, RawAuth, RawConfig, RawLog, RawOrganizationId, RawPacing, RawServer, RawUpstream,
+};
 use super::types::{
     AccessConfig, AdminConfig, Auth, AuthConfig, Config, JwtAuth, LogConfig, LogFormat, ServerConfig, ServerTls,
     StaticAuth, UpstreamConfig,
@@ -32,6 +34,7 @@ pub(super) fn config(mut raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, C
     let auth = auth(raw.auth, &upstream.url, &sources, &mut p, &mut secrets_not_shown);
     let access = access(raw.access, &sources, &mut p, &mut secrets_not_shown);
     let log = log(raw.log, &mut p);
+    let pacing = pacing(raw.pacing, &sources, &mut p);
     p.finish(Config {
         server,
         admin,
@@ -39,8 +42,39 @@ pub(super) fn config(mut raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, C
         auth,
         access,
         log,
+        pacing,
         secrets_not_shown,
     })
+}
+
+/// `pacing.*`: the settings, or `None` when `pacing.limit = 0` turns pacing off. The other keys are checked
+/// either way, so a typo does not wait for the day pacing is turned on.
+fn pacing(raw: RawPacing, sources: &Sources, p: &mut Problems) -> Option<crate::pacing::Settings> {
+    let limit = match raw.limit {
+        Some(text) => {
+            let parsed = text.trim().parse::<u32>().map_err(|_| {
+                ConfigError::invalid(
+                    &sources.name("pacing.limit"),
+                    format!("`{text}` is not a whole number of requests"),
+                    "set the account's requests per pacing.period (ZapSign: 500 a minute), or 0 to turn pacing off",
+                )
+            });
+            p.ok(parsed)
+        }
+        None => Some(500),
+    };
+    let period = duration(p, "pacing.period", raw.period, "60s");
+    let max_wait = duration(p, "pacing.max_wait", raw.max_wait, "30s");
+    let queue_limit = raw.queue_limit.unwrap_or(1000);
+    match limit {
+        Some(0) | None => None,
+        Some(limit) => Some(crate::pacing::Settings {
+            limit,
+            period,
+            max_wait,
+            queue_limit,
+        }),
+    }
 }
 
 fn server(raw: RawServer, sources: &Sources, p: &mut Problems) -> ServerConfig {

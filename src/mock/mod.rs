@@ -12,6 +12,10 @@
 //!   waits before answering, `redirect/?to=URL` answers 302, `status/{code}/` answers that status,
 //!   `hop-headers/` answers with hop-by-hop headers.
 //!
+//! - An API rate limit in fixed wall-clock windows, as ZapSign counts (`MockConfig::api_rate_limit` per
+//!   `api_rate_window`, 429 beyond), and a switch that answers the next API calls 429; every API request's
+//!   arrival time and token is kept ([`MockState::api_arrivals`], [`max_in_any_period`]).
+//!
 //! Every request is recorded (the last [`RECORD_LIMIT`]) and counted in [`MockState`], so tests assert on what
 //! it received.
 //!
@@ -32,5 +36,6 @@ mod state;
 pub use reply::{pattern_byte, PatternBody};
 pub use service::{serve, MockZapSign};
 pub use state::{
-    MockConfig, MockState, Recorded, DEMO_API_TOKEN, DEMO_ORGANIZATION_ID, DEMO_PASSWORD, DEMO_USERNAME, RECORD_LIMIT,
+    max_in_any_period, Arrival, MockConfig, MockState, Recorded, DEMO_API_TOKEN, DEMO_ORGANIZATION_ID, DEMO_PASSWORD,
+    DEMO_USERNAME, RECORD_LIMIT,
 };

@@ -166,6 +166,20 @@ async fn route(req: Request<Incoming>, state: &MockState, peer: SocketAddr) -> R
         }
     }
     state.api_calls.fetch_add(1, Ordering::Relaxed);
+    let token = bearer(&req).map(str::to_owned);
+    if let Some(retry_after) = state.admit_api_call(token) {
+        let _ = hash_body(req.into_body()).await;
+        let mut resp = json_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            json!({ "detail": "Request was throttled." }),
+        );
+        if state.config().api_rate_retry_after {
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        return resp;
+    }
     if !authorized(&req, state) {
         state.unauthorized.fetch_add(1, Ordering::Relaxed);
         // Drain the body so the caller's upload completes as ZapSign's would.
@@ -178,14 +192,17 @@ async fn route(req: Request<Incoming>, state: &MockState, peer: SocketAddr) -> R
     echo(req).await
 }
 
-/// Whether the call carries `Bearer` with the static API token or a live access token of this mock.
-fn authorized(req: &Request<Incoming>, state: &MockState) -> bool {
-    let Some(token) = req
-        .headers()
+/// The call's `Bearer` token.
+fn bearer(req: &Request<Incoming>) -> Option<&str> {
+    req.headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-    else {
+}
+
+/// Whether the call carries `Bearer` with the static API token or a live access token of this mock.
+fn authorized(req: &Request<Incoming>, state: &MockState) -> bool {
+    let Some(token) = bearer(req) else {
         return false;
     };
     state.config().api_token.as_deref() == Some(token) || state.valid(token, "access")

@@ -36,6 +36,15 @@ pub struct MockConfig {
     pub refresh_ttl: Duration,
     /// Put an `exp` claim into issued tokens.
     pub tokens_carry_exp: bool,
+    /// API requests accepted per [`MockConfig::api_rate_window`] (ZapSign: 500 a minute); beyond, 429 until the
+    /// window ends. 0: no limit.
+    pub api_rate_limit: u32,
+    /// The rate limit's window: fixed, aligned on the wall clock (multiples since the Unix epoch), as ZapSign
+    /// counts.
+    pub api_rate_window: Duration,
+    /// Whether a 429 carries `Retry-After` (whole seconds to the window's end, rounded up); without it the
+    /// proxy pauses to the next period boundary.
+    pub api_rate_retry_after: bool,
 }
 
 impl Default for MockConfig {
@@ -48,6 +57,9 @@ impl Default for MockConfig {
             access_ttl: Duration::from_secs(3600),
             refresh_ttl: Duration::from_secs(86_400),
             tokens_carry_exp: true,
+            api_rate_limit: 0,
+            api_rate_window: Duration::from_secs(60),
+            api_rate_retry_after: true,
         }
     }
 }
@@ -72,6 +84,39 @@ impl Recorded {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
+}
+
+/// One API request's arrival (auth calls are not API requests), for sliding-window checks.
+#[derive(Debug, Clone)]
+pub struct Arrival {
+    /// When it arrived.
+    pub at: std::time::Instant,
+    /// When it arrived, on the wall clock (the rate limit's windows are aligned on it).
+    pub wall: std::time::SystemTime,
+    /// The Bearer token it carried, if any.
+    pub token: Option<String>,
+    /// Whether the mock's rate limit answered it 429.
+    pub limited: bool,
+}
+
+/// The most requests of `arrivals` that fall in any half-open interval of `period`, whatever its alignment
+/// (only those answered, not 429, when `answered_only`).
+pub fn max_in_any_period(arrivals: &[Arrival], period: Duration, answered_only: bool) -> usize {
+    let mut times: Vec<std::time::Instant> = arrivals
+        .iter()
+        .filter(|a| !(answered_only && a.limited))
+        .map(|a| a.at)
+        .collect();
+    times.sort();
+    let mut best = 0;
+    let mut start = 0;
+    for end in 0..times.len() {
+        while times[end].duration_since(times[start]) >= period {
+            start += 1;
+        }
+        best = best.max(end + 1 - start);
+    }
+    best
 }
 
 /// Counters and records, shared with tests.
@@ -111,6 +156,12 @@ pub struct MockState {
     pub(super) serial: AtomicU64,
     /// The password the last login attempt carried.
     pub(super) last_login_password: Mutex<Option<String>>,
+    /// Every API request's arrival, oldest first (the last [`RECORD_LIMIT`]).
+    pub(super) arrivals: Mutex<VecDeque<Arrival>>,
+    /// The rate limit's current window (its index since the epoch) and the requests counted in it.
+    pub(super) window: Mutex<(u128, u32)>,
+    /// The next this many API requests answer 429 whatever the window says (a switch for tests).
+    pub rate_limited_api_calls: AtomicU32,
 }
 
 impl MockState {
@@ -133,6 +184,9 @@ impl MockState {
             close_next: AtomicBool::new(false),
             serial: AtomicU64::new(0),
             last_login_password: Mutex::new(None),
+            arrivals: Mutex::new(VecDeque::new()),
+            window: Mutex::new((0, 0)),
+            rate_limited_api_calls: AtomicU32::new(0),
         }
     }
 
@@ -186,6 +240,59 @@ impl MockState {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Every API request's arrival so far, oldest first.
+    pub fn api_arrivals(&self) -> Vec<Arrival> {
+        self.arrivals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Counts one API request against the rate limit; `Some(retry_after)` when it is over (answer 429).
+    pub(super) fn admit_api_call(&self, token: Option<String>) -> Option<Duration> {
+        let config = self.config();
+        let at = std::time::Instant::now();
+        let wall = std::time::SystemTime::now();
+        let mut limited = None;
+        if self
+            .rate_limited_api_calls
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            limited = Some(Duration::from_secs(1));
+        } else if config.api_rate_limit > 0 {
+            let since = wall
+                .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos();
+            let window = config.api_rate_window.as_nanos().max(1);
+            let index = since / window;
+            let mut current = self.window.lock().unwrap_or_else(|p| p.into_inner());
+            if current.0 != index {
+                *current = (index, 0);
+            }
+            if current.1 >= config.api_rate_limit {
+                let left = window - since % window;
+                limited = Some(Duration::from_nanos(u64::try_from(left).unwrap_or(u64::MAX)));
+            } else {
+                current.1 += 1;
+            }
+        }
+        let mut arrivals = self.arrivals.lock().unwrap_or_else(|p| p.into_inner());
+        if arrivals.len() == RECORD_LIMIT {
+            arrivals.pop_front();
+        }
+        arrivals.push_back(Arrival {
+            at,
+            wall,
+            token,
+            limited: limited.is_some(),
+        });
+        limited
     }
 
     pub(super) fn record(&self, r: Recorded) {

@@ -14,6 +14,7 @@ use crate::auth::TokenHolder;
 use crate::config::{Auth, Config, ConfigError};
 use crate::headers::bearer_value;
 use crate::metrics::Metrics;
+use crate::pacing::Pacer;
 use crate::replay::ReplayBudget;
 use crate::tasks::Tasks;
 use crate::upstream::{build_client, build_connector};
@@ -26,7 +27,7 @@ fn replay_budget(per_request: u64) -> u64 {
 impl Proxy {
     /// The proxy `config` describes, over the runtime pieces `run` owns: the token `holder` (and in JWT mode
     /// the `renewer` that fills it), the trust for upstream TLS, the counters, and the task set background work
-    /// joins.
+    /// joins. Starts the pacer (when `pacing.limit` > 0), so it must run inside the runtime.
     pub(crate) fn new(
         config: &Config,
         tls: rustls::ClientConfig,
@@ -36,6 +37,10 @@ impl Proxy {
         tasks: Tasks,
     ) -> Self {
         let connector = build_connector(&config.upstream, tls);
+        let pacer = config.pacing.map(Pacer::start);
+        if let Some(pacer) = &pacer {
+            metrics.watch_pacer(pacer);
+        }
         Self {
             upstream: config.upstream.url.clone(),
             response_timeout: config.upstream.response_timeout,
@@ -43,6 +48,8 @@ impl Proxy {
             connector,
             holder,
             renewer,
+            pacer,
+            body_return_timeout: config.auth.timeout,
             replay_limit: config.auth.replay_buffer,
             replay_budget: Arc::new(ReplayBudget::new(replay_budget(config.auth.replay_buffer))),
             access: ArcSwap::from_pointee(AccessPolicy::new(&config.access)),

@@ -67,12 +67,16 @@ impl Harness {
         false
     }
 
-    /// Starts the proxy with `text` as config, `upstream_url` as upstream, in front of `mock`.
+    /// Starts the proxy with `text` as config, `upstream_url` as upstream, in front of `mock`. Pacing is off
+    /// (`ZAPSIGN_PROXY_PACING_LIMIT=0`) unless `text` has a `[pacing]` section: tests not about pacing must not
+    /// wait for the account's budget.
     pub async fn start_with(mock: MockZapSign, text: &str, upstream_url: &str) -> Self {
         let url = upstream_url.to_owned();
+        let pacing_off = !text.contains("[pacing]");
         let env = move |name: &str| match name {
             "ZAPSIGN_PROXY_UPSTREAM_URL" => Some(url.clone()),
             "ZAPSIGN_PROXY_LISTEN" | "ZAPSIGN_PROXY_ADMIN_LISTEN" => Some("127.0.0.1:0".into()),
+            "ZAPSIGN_PROXY_PACING_LIMIT" if pacing_off => Some("0".into()),
             _ => None,
         };
         let config = Config::from_toml(text, &env).expect("test config is valid");
@@ -221,7 +225,8 @@ pub struct Subprocess {
 
 impl Subprocess {
     /// Starts `zapsign-proxy --config <file with text>` with `env`, JSON logs, ports chosen by the kernel,
-    /// and waits for it to say where it listens.
+    /// and waits for it to say where it listens. Pacing is off (`ZAPSIGN_PROXY_PACING_LIMIT=0`) unless `env`
+    /// sets the variable itself.
     pub fn start(text: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("proxy.toml");
@@ -234,6 +239,7 @@ impl Subprocess {
             .env("ZAPSIGN_PROXY_ADMIN_LISTEN", "127.0.0.1:0")
             .env("ZAPSIGN_PROXY_WORKERS", "2")
             .env("RUST_LOG", "info")
+            .env("ZAPSIGN_PROXY_PACING_LIMIT", "0")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
