@@ -258,13 +258,7 @@ async fn wrong_password_keeps_the_process_up_not_ready_slow_and_silent() {
     let readyz = send(admin, get(admin, "/readyz")).await.json();
     assert!(readyz["reason"].as_str().unwrap().contains("auth.username"), "{readyz}");
 
-    proxy.signal("TERM");
-    let logs = tokio::task::spawn_blocking(move || {
-        proxy.wait_exit(Duration::from_secs(10));
-        proxy.log_text()
-    })
-    .await
-    .unwrap();
+    let logs = proxy.stop_and_logs().await;
     assert!(logs.lines().count() > 10, "{logs}");
     let leaks: Vec<&str> = logs.lines().filter(|l| l.contains(PASSWORD)).collect();
     assert!(leaks.is_empty(), "the password reached the logs: {leaks:#?}");

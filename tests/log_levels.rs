@@ -24,7 +24,7 @@ async fn caller_errors_log_at_info_and_proxy_failures_at_warn() {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let upstream = format!("http://{}", dead.local_addr().unwrap());
     drop(dead);
-    let mut proxy = Subprocess::start(
+    let proxy = Subprocess::start(
         &static_config(&upstream, ""),
         &[("ZAPSIGN_PROXY_CLIENT_KEYS", "k-1"), ("RUST_LOG", "info")],
     );
@@ -42,13 +42,7 @@ async fn caller_errors_log_at_info_and_proxy_failures_at_warn() {
         let a = send(proxy.addr, req.body(Full::new(Bytes::new())).unwrap()).await;
         assert_eq!(a.status.as_u16(), *status, "{path}");
     }
-    proxy.signal("TERM");
-    let logs = tokio::task::spawn_blocking(move || {
-        proxy.wait_exit(std::time::Duration::from_secs(10));
-        proxy.log_text()
-    })
-    .await
-    .unwrap();
+    let logs = proxy.stop_and_logs().await;
     for (i, (path, _, status, code)) in cases.iter().enumerate() {
         let events = events_of(&logs, &format!("level-{i}"));
         let served = events

@@ -12,7 +12,7 @@ use zapsign_proxy::mock::{MockConfig, MockZapSign, DEMO_API_TOKEN};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_reach_the_logs_even_at_trace_level() {
     let mock = MockZapSign::start(MockConfig::default()).await.unwrap();
-    let mut proxy = Subprocess::start(&static_config(&mock.url(), ""), &[("RUST_LOG", "trace")]);
+    let proxy = Subprocess::start(&static_config(&mock.url(), ""), &[("RUST_LOG", "trace")]);
     let path = "/api/v1/docs/?page=1&api_token=CALLER-QUERY-SECRET";
     let req = Request::get(path)
         .header("authorization", "Bearer CALLER-HEADER-SECRET")
@@ -25,13 +25,7 @@ async fn secrets_never_reach_the_logs_even_at_trace_level() {
         .body(Full::new(Bytes::new()))
         .unwrap();
     assert_eq!(send_h2c(proxy.addr, req).await.status, 200);
-    proxy.signal("TERM");
-    let logs = tokio::task::spawn_blocking(move || {
-        proxy.wait_exit(std::time::Duration::from_secs(10));
-        proxy.log_text()
-    })
-    .await
-    .unwrap();
+    let logs = proxy.stop_and_logs().await;
     assert!(
         logs.lines().count() > 20,
         "trace logging produced too little to prove anything:\n{logs}"

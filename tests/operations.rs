@@ -268,7 +268,7 @@ async fn json_access_log_has_the_fields_and_no_secret_appears_in_any_log() {
         pw.display(),
         keys.display(),
     );
-    let mut proxy = Subprocess::start(&text, &[("RUST_LOG", "trace")]);
+    let proxy = Subprocess::start(&text, &[("RUST_LOG", "trace")]);
     for (i, key) in ["client-key-SECRET-1", "client-key-SECRET-2", "wrong-key-SECRET-3"]
         .iter()
         .enumerate()
@@ -294,13 +294,7 @@ async fn json_access_log_has_the_fields_and_no_secret_appears_in_any_log() {
         .status,
         200
     );
-    proxy.signal("TERM");
-    let logs = tokio::task::spawn_blocking(move || {
-        proxy.wait_exit(Duration::from_secs(10));
-        proxy.log_text()
-    })
-    .await
-    .unwrap();
+    let logs = proxy.stop_and_logs().await;
 
     let mut secrets: Vec<String> = mock.state.issued_tokens();
     assert!(secrets.len() >= 4, "login, and login again after revocation");

@@ -320,6 +320,17 @@ impl Subprocess {
     pub fn log_text(&self) -> String {
         self.lines.lock().unwrap().join("\n")
     }
+
+    /// Sends SIGTERM, waits (off the async runtime) up to 10 s for the exit, and returns every log line.
+    pub async fn stop_and_logs(mut self) -> String {
+        self.signal("TERM");
+        tokio::task::spawn_blocking(move || {
+            self.wait_exit(std::time::Duration::from_secs(10));
+            self.log_text()
+        })
+        .await
+        .unwrap()
+    }
 }
 
 impl Drop for Subprocess {
