@@ -279,19 +279,16 @@ impl Metrics {
             "zapsign_proxy_request_duration_seconds",
             "Time from request head to response head.",
         )?;
-        writeln!(
+        counter_family(
             out,
-            "# HELP zapsign_proxy_upstream_errors_total Failures towards the upstream, by kind."
+            "zapsign_proxy_upstream_errors_total",
+            "Failures towards the upstream, by kind.",
+            "kind",
+            UpstreamErrorKind::ALL
+                .iter()
+                .map(|k| k.as_str())
+                .zip(&self.upstream_errors),
         )?;
-        writeln!(out, "# TYPE zapsign_proxy_upstream_errors_total counter")?;
-        for (kind, n) in UpstreamErrorKind::ALL.iter().zip(&self.upstream_errors) {
-            writeln!(
-                out,
-                "zapsign_proxy_upstream_errors_total{{kind=\"{}\"}} {}",
-                kind.as_str(),
-                n.load(Ordering::Relaxed)
-            )?;
-        }
         writeln!(
             out,
             "# HELP zapsign_proxy_token_renewals_total Logins and refreshes, by outcome."
@@ -338,21 +335,30 @@ impl Metrics {
             writeln!(out, "# TYPE zapsign_proxy_pacing_queue_depth gauge")?;
             writeln!(out, "zapsign_proxy_pacing_queue_depth {}", pacer.queue_depth())?;
         }
-        writeln!(
+        counter_family(
             out,
-            "# HELP zapsign_proxy_rate_limited_total Requests answered 429, by who refused them (proxy: pacing; upstream: ZapSign)."
-        )?;
-        writeln!(out, "# TYPE zapsign_proxy_rate_limited_total counter")?;
-        for (by, n) in RateLimitedBy::ALL.iter().zip(&self.rate_limited) {
-            writeln!(
-                out,
-                "zapsign_proxy_rate_limited_total{{by=\"{}\"}} {}",
-                by.as_str(),
-                n.load(Ordering::Relaxed)
-            )?;
-        }
-        Ok(())
+            "zapsign_proxy_rate_limited_total",
+            "Requests answered 429, by who refused them (proxy: pacing; upstream: ZapSign).",
+            "by",
+            RateLimitedBy::ALL.iter().map(|b| b.as_str()).zip(&self.rate_limited),
+        )
     }
+}
+
+/// One counter with a single label, one line per label value, in Prometheus text format.
+fn counter_family<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    rows: impl Iterator<Item = (&'static str, &'a AtomicU64)>,
+) -> std::fmt::Result {
+    writeln!(out, "# HELP {name} {help}")?;
+    writeln!(out, "# TYPE {name} counter")?;
+    for (value, n) in rows {
+        writeln!(out, "{name}{{{label}=\"{value}\"}} {}", n.load(Ordering::Relaxed))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
