@@ -17,6 +17,9 @@
 //!   (the proxy's part through `Proxy::reload`).
 //! - [`replay`]: the bounded buffer that lets a request be sent again after an upstream 401.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on their own listener; [`metrics`] holds the counters.
+//! - [`pacing`]: the account's budget (GCRA) and the fair queue of requests waiting for a slot.
+//! - [`sharing`]: the traits through which `pacing` and `auth` use the state every replica shares;
+//!   [`shared`] implements them over Redis (sealed tokens, the shared budget) and falls back to working alone.
 //! - [`error`]: the proxy's own error answers; [`secret`]: the redacting secret type.
 //! - `mock` (cargo feature `mock`, on by default): a small ZapSign stand-in for the demo, the tests and local
 //!   trials; `--no-default-features` builds the proxy without it.
@@ -46,6 +49,7 @@ pub mod rewrite;
 pub mod secret;
 pub mod server;
 pub mod shared;
+pub mod sharing;
 pub mod shutdown;
 pub mod tasks;
 pub mod tls;

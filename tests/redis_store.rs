@@ -12,6 +12,7 @@ use zapsign_proxy::pacing::gcra::Gcra;
 use zapsign_proxy::secret::Secret;
 use zapsign_proxy::shared::seal::SealKey;
 use zapsign_proxy::shared::store::{RedisStore, StoreSettings, Unopenable};
+use zapsign_proxy::sharing::TokenRecord;
 
 const KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 const OTHER_KEY: &str = "ff0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
@@ -29,6 +30,15 @@ fn store(redis: &Redis, key: &str) -> RedisStore {
         op_timeout: Duration::from_millis(500),
     })
     .unwrap()
+}
+
+fn record(access: &str, refresh: Option<&str>, exp: u64, refresh_exp: Option<u64>) -> TokenRecord {
+    TokenRecord {
+        access: Secret::new(access),
+        refresh: refresh.map(Secret::new),
+        access_expires_ms: exp,
+        refresh_expires_ms: refresh_exp,
+    }
 }
 
 async fn raw(redis: &Redis) -> redis::aio::MultiplexedConnection {
@@ -54,10 +64,7 @@ async fn tokens_are_sealed_at_rest_numbered_by_redis_and_expire() {
     let g1 = a
         .publish(
             &fence,
-            &Secret::new(ACCESS),
-            Some(&Secret::new(REFRESH)),
-            exp,
-            Some(exp + 1),
+            &record(ACCESS, Some(REFRESH), exp, Some(exp + 1)),
             Duration::from_secs(60),
         )
         .await
@@ -68,10 +75,14 @@ async fn tokens_are_sealed_at_rest_numbered_by_redis_and_expire() {
     // Another process reads the same token and generation.
     let seen = b.token().await.unwrap().unwrap().unwrap();
     assert_eq!(
-        (seen.generation, seen.access.expose(), seen.access_expires_ms),
+        (
+            seen.generation,
+            seen.record.access.expose(),
+            seen.record.access_expires_ms
+        ),
         (g1, ACCESS, exp)
     );
-    assert_eq!(seen.refresh.as_ref().map(|r| r.expose()), Some(REFRESH));
+    assert_eq!(seen.record.refresh.as_ref().map(|r| r.expose()), Some(REFRESH));
 
     // The next token, renewed by the other process, is newer everywhere.
     let fence = b
@@ -80,7 +91,7 @@ async fn tokens_are_sealed_at_rest_numbered_by_redis_and_expire() {
         .unwrap()
         .expect("lock released by its owner");
     let g2 = b
-        .publish(&fence, &Secret::new("second"), None, exp, None, Duration::from_secs(60))
+        .publish(&fence, &record("second", None, exp, None), Duration::from_secs(60))
         .await
         .unwrap()
         .unwrap();
@@ -123,7 +134,7 @@ async fn a_lost_lock_stores_nothing_and_only_its_owner_releases_it() {
     let holder: Option<String> = conn.get("zapsign-proxy:1234:lock").await.unwrap();
     assert!(holder.is_some(), "a stale owner must not release another's lock");
     let published = a
-        .publish(&stale, &Secret::new("late"), None, 1, None, Duration::from_secs(60))
+        .publish(&stale, &record("late", None, 1, None), Duration::from_secs(60))
         .await
         .unwrap();
     assert_eq!(published, None);
@@ -136,7 +147,7 @@ async fn a_token_sealed_with_another_key_counts_as_absent() {
     let redis = Redis::start();
     let a = store(&redis, KEY);
     let fence = a.try_lock(Duration::from_secs(10)).await.unwrap().unwrap();
-    a.publish(&fence, &Secret::new(ACCESS), None, 1, None, Duration::from_secs(60))
+    a.publish(&fence, &record(ACCESS, None, 1, None), Duration::from_secs(60))
         .await
         .unwrap()
         .unwrap();

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::seal::SealKey;
 use crate::secret::Secret;
+use crate::sharing::{Fence, SharedToken, TokenRecord};
 
 /// Why a call to Redis failed. Callers treat every variant alike: work alone until Redis answers again.
 #[derive(Debug, thiserror::Error)]
@@ -60,21 +61,6 @@ pub struct StoreSettings {
     pub op_timeout: Duration,
 }
 
-/// A token as every process shares it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SharedToken {
-    /// From the Redis counter: higher is newer, on every process.
-    pub generation: u64,
-    /// The access token.
-    pub access: Secret,
-    /// The refresh token, when ZapSign gave one.
-    pub refresh: Option<Secret>,
-    /// When the access token expires, in milliseconds since the Unix epoch.
-    pub access_expires_ms: u64,
-    /// When the refresh token expires, in milliseconds since the Unix epoch.
-    pub refresh_expires_ms: Option<u64>,
-}
-
 /// What is sealed: the token's fields, the generation included, so a generation cannot be changed in Redis.
 #[derive(Serialize, Deserialize)]
 struct Sealed {
@@ -84,10 +70,6 @@ struct Sealed {
     ae: u64,
     re: Option<u64>,
 }
-
-/// Proof of holding the renewal lock: the random value stored in it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fence(String);
 
 /// The Redis-backed shared state of one account.
 pub struct RedisStore {
@@ -236,10 +218,12 @@ impl RedisStore {
         Ok(match opened {
             Some(s) => Ok(Some(SharedToken {
                 generation: s.g,
-                access: Secret::new(s.a),
-                refresh: s.r.map(Secret::new),
-                access_expires_ms: s.ae,
-                refresh_expires_ms: s.re,
+                record: TokenRecord {
+                    access: Secret::new(s.a),
+                    refresh: s.r.map(Secret::new),
+                    access_expires_ms: s.ae,
+                    refresh_expires_ms: s.re,
+                },
             })),
             None => Err(Unopenable),
         })
@@ -274,24 +258,16 @@ impl RedisStore {
 
     /// Numbers a newly issued token with the next generation and stores it sealed, while `fence` holds the
     /// lock. Returns the generation, or `None` when the lock was lost (another process may be renewing).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn publish(
-        &self,
-        fence: &Fence,
-        access: &Secret,
-        refresh: Option<&Secret>,
-        access_expires_ms: u64,
-        refresh_expires_ms: Option<u64>,
-        ttl: Duration,
-    ) -> Result<Option<u64>, StoreError> {
+    /// The key's TTL is `ttl` (the access token's remaining life).
+    pub async fn publish(&self, fence: &Fence, token: &TokenRecord, ttl: Duration) -> Result<Option<u64>, StoreError> {
         let mut conn = self.conn.clone();
         let generation: u64 = self.bounded(conn.incr(&self.generation, 1u64)).await?;
         let plain = serde_json::to_vec(&Sealed {
             g: generation,
-            a: access.expose().to_owned(),
-            r: refresh.map(|r| r.expose().to_owned()),
-            ae: access_expires_ms,
-            re: refresh_expires_ms,
+            a: token.access.expose().to_owned(),
+            r: token.refresh.as_ref().map(|r| r.expose().to_owned()),
+            ae: token.access_expires_ms,
+            re: token.refresh_expires_ms,
         })
         .map_err(|e| StoreError::Redis(e.to_string()))?;
         let sealed = self
