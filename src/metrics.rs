@@ -5,7 +5,7 @@
 //! Labels are fixed and low-cardinality: status codes, error kinds, renewal kind and result.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
@@ -184,6 +184,8 @@ pub struct Metrics {
     upstream_errors: [AtomicU64; UpstreamErrorKind::ALL.len()],
     renewals: [[AtomicU64; RenewalResult::ALL.len()]; RenewalKind::ALL.len()],
     replays: AtomicU64,
+    /// `zapsign_proxy_shared_state_up`: 0 absent (no `shared.redis_url`), 1 on its own, 2 sharing through Redis.
+    shared_state: AtomicU8,
 }
 
 impl Default for Metrics {
@@ -204,6 +206,7 @@ impl Metrics {
             upstream_errors: std::array::from_fn(|_| AtomicU64::new(0)),
             renewals: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             replays: AtomicU64::new(0),
+            shared_state: AtomicU8::new(0),
         }
     }
 
@@ -248,6 +251,12 @@ impl Metrics {
     /// A request replayed after an upstream 401.
     pub fn replay(&self) {
         self.replays.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether the shared state (Redis) is in use now; from the first call on, `zapsign_proxy_shared_state_up`
+    /// appears in the exposition (it is absent without `shared.redis_url`).
+    pub fn shared_state_up(&self, up: bool) {
+        self.shared_state.store(if up { 2 } else { 1 }, Ordering::Relaxed);
     }
 
     /// Renewals of `kind` with `result` so far (tests).
@@ -334,6 +343,18 @@ impl Metrics {
             )?;
             writeln!(out, "# TYPE zapsign_proxy_pacing_queue_depth gauge")?;
             writeln!(out, "zapsign_proxy_pacing_queue_depth {}", pacer.queue_depth())?;
+        }
+        if let Some(up) = match self.shared_state.load(Ordering::Relaxed) {
+            1 => Some(0),
+            2 => Some(1),
+            _ => None,
+        } {
+            writeln!(
+                out,
+                "# HELP zapsign_proxy_shared_state_up 1 while the state shared with other replicas (Redis) is in use, 0 while this process works alone."
+            )?;
+            writeln!(out, "# TYPE zapsign_proxy_shared_state_up gauge")?;
+            writeln!(out, "zapsign_proxy_shared_state_up {up}")?;
         }
         counter_family(
             out,
@@ -466,6 +487,20 @@ mod tests {
         assert!(m
             .render(TokenExpiry::In(Duration::from_millis(1500)))
             .contains("zapsign_proxy_token_expires_in_seconds 1.500\n"));
+    }
+
+    #[test]
+    fn shared_state_up_is_absent_until_set_then_follows_the_store() {
+        let m = Metrics::new();
+        assert!(!m.render(TokenExpiry::NoToken).contains("zapsign_proxy_shared_state_up"));
+        m.shared_state_up(true);
+        assert!(m
+            .render(TokenExpiry::NoToken)
+            .contains("\nzapsign_proxy_shared_state_up 1\n"));
+        m.shared_state_up(false);
+        assert!(m
+            .render(TokenExpiry::NoToken)
+            .contains("\nzapsign_proxy_shared_state_up 0\n"));
     }
 
     #[tokio::test]

@@ -258,10 +258,25 @@ impl RedisStore {
 
     /// Numbers a newly issued token with the next generation and stores it sealed, while `fence` holds the
     /// lock. Returns the generation, or `None` when the lock was lost (another process may be renewing).
-    /// The key's TTL is `ttl` (the access token's remaining life).
-    pub async fn publish(&self, fence: &Fence, token: &TokenRecord, ttl: Duration) -> Result<Option<u64>, StoreError> {
+    /// The token key's TTL is `ttl` (the access token's remaining life); the counter's, `counter_ttl`, renewed
+    /// here each time (it must outlive every token it numbered, and no key in Redis lives forever).
+    pub async fn publish(
+        &self,
+        fence: &Fence,
+        token: &TokenRecord,
+        ttl: Duration,
+        counter_ttl: Duration,
+    ) -> Result<Option<u64>, StoreError> {
         let mut conn = self.conn.clone();
-        let generation: u64 = self.bounded(conn.incr(&self.generation, 1u64)).await?;
+        let (generation, _): (u64, i64) = self
+            .bounded(
+                redis::pipe()
+                    .atomic()
+                    .incr(&self.generation, 1u64)
+                    .pexpire(&self.generation, i64::try_from(millis(counter_ttl)).unwrap_or(i64::MAX))
+                    .query_async(&mut conn),
+            )
+            .await?;
         let plain = serde_json::to_vec(&Sealed {
             g: generation,
             a: token.access.expose().to_owned(),
