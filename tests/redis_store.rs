@@ -24,7 +24,7 @@ fn store(redis: &Redis, key: &str) -> RedisStore {
         url: redis.url(),
         password: None,
         ca_pem: None,
-        key: SealKey::from_hex(key).unwrap(),
+        key: std::sync::Arc::new(SealKey::from_hex(key).unwrap()),
         prefix: "zapsign-proxy".into(),
         scope: "1234".into(),
         op_timeout: Duration::from_millis(500),

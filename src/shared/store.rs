@@ -12,6 +12,7 @@
 //!   owner), TTL `auth.timeout`;
 //! - `tat`, `pause`: the pacing state, TTL two periods / the pause.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -51,8 +52,8 @@ pub struct StoreSettings {
     pub password: Option<Secret>,
     /// Extra PEM roots for `rediss://` (`shared.ca_file`).
     pub ca_pem: Option<Vec<u8>>,
-    /// Seals the tokens.
-    pub key: SealKey,
+    /// Seals the tokens (shared with the configuration, which validated it).
+    pub key: Arc<SealKey>,
     /// `shared.key_prefix`.
     pub prefix: String,
     /// The organization id, or `static-` and 16 hex digits of the API token's SHA-256.
@@ -74,7 +75,7 @@ struct Sealed {
 /// The Redis-backed shared state of one account.
 pub struct RedisStore {
     conn: ConnectionManager,
-    key: SealKey,
+    key: Arc<SealKey>,
     op_timeout: Duration,
     token: String,
     generation: String,
