@@ -363,17 +363,20 @@ impl Proxy {
     }
 }
 
-/// The upstream's `Retry-After` when it is whole seconds (ZapSign's form); a date or anything else is ignored
-/// (the pause then runs to the next period boundary).
+/// The upstream's `Retry-After`: whole seconds (ZapSign's form) or an HTTP date (RFC 9110 allows both; a date
+/// in the past means now). Anything else is ignored, and the pause then runs to the next period boundary.
 fn retry_after_secs(headers: &HeaderMap) -> Option<Duration> {
-    let secs = headers
-        .get(http::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse::<u64>()
-        .ok()?;
-    Some(Duration::from_secs(secs))
+    retry_after_at(headers, std::time::SystemTime::now())
+}
+
+/// [`retry_after_secs`] with the wall clock's `now` given, for the tests.
+fn retry_after_at(headers: &HeaderMap, now: std::time::SystemTime) -> Option<Duration> {
+    let text = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(text).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// The holder's (or renewer's) "no token" as the contract's 503 `token_unavailable`, with its `Retry-After`.
@@ -409,15 +412,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_upstreams_retry_after_counts_only_as_whole_seconds() {
+    fn the_upstreams_retry_after_counts_as_seconds_or_an_http_date() {
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT").unwrap();
         let with = |v: &str| {
             let mut h = HeaderMap::new();
             h.insert(http::header::RETRY_AFTER, HeaderValue::from_str(v).unwrap());
-            retry_after_secs(&h)
+            retry_after_at(&h, now)
         };
         assert_eq!(with("7"), Some(Duration::from_secs(7)));
         assert_eq!(with(" 0 "), Some(Duration::ZERO));
-        assert_eq!(with("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(with("Wed, 21 Oct 2015 07:28:42 GMT"), Some(Duration::from_secs(42)));
+        assert_eq!(with("Wed, 21 Oct 2015 07:27:00 GMT"), Some(Duration::ZERO), "a date past is now");
+        assert_eq!(with("soon"), None);
         assert_eq!(with("-1"), None);
         assert_eq!(retry_after_secs(&HeaderMap::new()), None);
     }
