@@ -67,6 +67,11 @@ impl Manifests {
             .unwrap_or_else(|| panic!("no {kind} named {name}"))
     }
 
+    /// The proxy's Deployment (redis.yaml holds another, for Redis).
+    fn proxy(&self) -> &Value {
+        self.named("Deployment", "zapsign-proxy")
+    }
+
     /// The file `kind` `name` is in, relative to deploy/kubernetes.
     fn file_of(&self, kind: &str, name: &str) -> &str {
         self.docs
@@ -111,8 +116,8 @@ fn deployment_ports_probes_and_grace_agree_with_the_config() {
         "must listen beyond loopback in a pod"
     );
 
-    let d = m.one("Deployment");
-    assert_eq!(d["spec"]["replicas"].as_u64(), Some(2));
+    let d = m.proxy();
+    assert_eq!(d["spec"]["replicas"].as_u64(), Some(3));
     let pod = &d["spec"]["template"]["spec"];
     let c = &pod["containers"][0];
     let ports: BTreeMap<&str, u64> = c["ports"]
@@ -181,13 +186,16 @@ fn service_network_policy_and_budget_select_the_pods_and_the_right_port() {
     let m = Manifests::load();
     let (_, cfg) = config_toml(&m);
     let proxy_port = port_of(cfg["server"]["listen"].as_str().unwrap());
-    let labels = &m.one("Deployment")["spec"]["template"]["metadata"]["labels"];
+    let labels = &m.proxy()["spec"]["template"]["metadata"]["labels"];
     let service = m.named("Service", "zapsign-proxy");
     assert_eq!(&service["spec"]["selector"], labels);
     assert_eq!(service["spec"]["ports"][0]["targetPort"].as_str(), Some("http"));
     assert_eq!(&m.one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"], labels);
-    assert_eq!(&m.one("NetworkPolicy")["spec"]["podSelector"]["matchLabels"], labels);
-    let ingress = &m.one("NetworkPolicy")["spec"]["ingress"][0];
+    assert_eq!(
+        &m.named("NetworkPolicy", "zapsign-proxy")["spec"]["podSelector"]["matchLabels"],
+        labels
+    );
+    let ingress = &m.named("NetworkPolicy", "zapsign-proxy")["spec"]["ingress"][0];
     assert_eq!(ingress["ports"][0]["port"].as_u64(), Some(proxy_port));
     assert_eq!(
         ingress["from"][0]["podSelector"]["matchLabels"]["zapsign-proxy-client"].as_str(),
@@ -210,6 +218,11 @@ fn configmap_config_passes_check_config_and_uses_documented_keys() {
         .env_clear()
         .env("ZAPSIGN_PASSWORD", "placeholder")
         .env("ZAPSIGN_PROXY_CLIENT_KEYS", "placeholder-key")
+        .env("ZAPSIGN_PROXY_REDIS_PASSWORD", "placeholder")
+        .env(
+            "ZAPSIGN_PROXY_SHARED_KEY",
+            "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+        )
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -274,7 +287,25 @@ fn may_read(uid: u64, gid: u64, groups: &[u64], owner: u64, group: u64, mode: u3
 #[test]
 fn the_container_user_can_read_every_mounted_secret_and_config_file() {
     let m = Manifests::load();
-    let pod = &m.one("Deployment")["spec"]["template"]["spec"];
+    let mut checked = 0;
+    for deployment in m.all("Deployment") {
+        checked += readable_mounts(&m, deployment);
+    }
+    assert!(checked >= 3, "too few mounted files checked: {checked}");
+    // Secrets stay unreadable to other users in the pod: group-readable through fsGroup, not world-readable.
+    let volumes = m.proxy()["spec"]["template"]["spec"]["volumes"].as_sequence().unwrap();
+    let credentials = volumes.iter().find(|v| v["secret"].is_mapping()).unwrap();
+    let mode = mode_of(&credentials["secret"]["defaultMode"]).expect("the Secret volume sets defaultMode");
+    assert_eq!(
+        mode & 0o007,
+        0,
+        "secret files are readable by every user: mode {mode:o}"
+    );
+}
+
+/// Checks every Secret or ConfigMap file `deployment` mounts; returns how many.
+fn readable_mounts(m: &Manifests, deployment: &Value) -> usize {
+    let pod = &deployment["spec"]["template"]["spec"];
     let pod_sc = &pod["securityContext"];
     let (image_uid, image_gid) = image_user();
     let fs_group = pod_sc["fsGroup"].as_u64();
@@ -358,15 +389,7 @@ fn the_container_user_can_read_every_mounted_secret_and_config_file() {
             }
         }
     }
-    assert!(checked >= 3, "too few mounted files checked: {checked}");
-    // Secrets stay unreadable to other users in the pod: group-readable through fsGroup, not world-readable.
-    let credentials = volumes.iter().find(|v| v["secret"].is_mapping()).unwrap();
-    let mode = mode_of(&credentials["secret"]["defaultMode"]).expect("the Secret volume sets defaultMode");
-    assert_eq!(
-        mode & 0o007,
-        0,
-        "secret files are readable by every user: mode {mode:o}"
-    );
+    checked
 }
 
 #[test]
@@ -423,7 +446,7 @@ fn the_kustomization_lists_every_manifest_and_names_the_image_once() {
             "kustomization.yml lists {r}, which does not exist"
         );
     }
-    let image = m.one("Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
+    let image = m.proxy()["spec"]["template"]["spec"]["containers"][0]["image"]
         .as_str()
         .unwrap();
     let image_name = image.rsplit_once(':').map_or(image, |(n, _)| n);
@@ -444,7 +467,7 @@ fn prometheus_can_scrape_the_admin_port() {
     let m = Manifests::load();
     let (_, cfg) = config_toml(&m);
     let admin_port = port_of(cfg["admin"]["listen"].as_str().unwrap());
-    let template = &m.one("Deployment")["spec"]["template"];
+    let template = &m.proxy()["spec"]["template"];
     let labels = &template["metadata"]["labels"];
     let container = &template["spec"]["containers"][0];
     let admin_name = container["ports"]
@@ -510,7 +533,7 @@ fn prometheus_can_scrape_the_admin_port() {
     assert_eq!(annotations["prometheus.io/path"].as_str(), Some("/metrics"));
 
     // The NetworkPolicy lets labelled scrapers in on the admin port.
-    let np = m.one("NetworkPolicy");
+    let np = m.named("NetworkPolicy", "zapsign-proxy");
     assert!(np["spec"]["ingress"].as_sequence().unwrap().iter().any(|rule| {
         rule["ports"][0]["port"].as_u64() == Some(admin_port)
             && rule["from"][0]["podSelector"]["matchLabels"]["zapsign-proxy-scraper"].as_str() == Some("true")
@@ -522,7 +545,7 @@ fn prometheus_can_scrape_the_admin_port() {
 #[test]
 fn replicas_spread_across_nodes() {
     let m = Manifests::load();
-    let template = &m.one("Deployment")["spec"]["template"];
+    let template = &m.proxy()["spec"]["template"];
     let labels = &template["metadata"]["labels"];
     let constraints = template["spec"]["topologySpreadConstraints"]
         .as_sequence()
@@ -541,7 +564,7 @@ fn replicas_spread_across_nodes() {
 #[test]
 fn the_readme_names_the_kubernetes_version_the_pre_stop_sleep_needs() {
     let m = Manifests::load();
-    let container = &m.one("Deployment")["spec"]["template"]["spec"]["containers"][0];
+    let container = &m.proxy()["spec"]["template"]["spec"]["containers"][0];
     if container["lifecycle"]["preStop"]["sleep"].is_mapping() {
         let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
         let kubernetes = &readme[readme.find("### Kubernetes").expect("a Kubernetes section")..];
@@ -605,4 +628,85 @@ fn the_docker_build_context_leaves_target_and_git_out() {
             );
         }
     }
+}
+
+/// Issue 11: the replicas share one account through the Redis in redis.yaml: the config points at its Service,
+/// the key and the Redis password come from the Secret, `shared.replicas` is the Deployment's count, the
+/// proxy's NetworkPolicy lets it reach Redis (and Redis's lets only the proxy in), and Redis gets its password
+/// from the same Secret.
+#[test]
+fn the_replicas_share_state_through_the_redis_in_the_manifests() {
+    let m = Manifests::load();
+    let (_, cfg) = config_toml(&m);
+    let shared = &cfg["shared"];
+    assert_eq!(
+        shared["replicas"].as_integer().map(|r| r as u64),
+        m.proxy()["spec"]["replicas"].as_u64(),
+        "shared.replicas must equal the Deployment's replicas"
+    );
+    assert_eq!(
+        cfg["pacing"]["limit"].as_integer(),
+        Some(500),
+        "the account's whole budget, shared"
+    );
+    let url = shared["redis_url"].as_str().unwrap();
+    let rest = url.strip_prefix("redis://").expect("redis:// URL");
+    let (host, port) = rest.split('/').next().unwrap().split_once(':').unwrap();
+    let port: u64 = port.parse().unwrap();
+    let service = m.named("Service", host);
+    assert_eq!(service["spec"]["ports"][0]["port"].as_u64(), Some(port));
+    let redis = m.named("Deployment", "zapsign-proxy-redis");
+    let redis_labels = &redis["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(
+        service["spec"]["selector"]["app.kubernetes.io/name"],
+        redis_labels["app.kubernetes.io/name"]
+    );
+
+    let secret = &m.one("Secret")["stringData"];
+    let credentials_dir = m.proxy()["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"].as_str() == Some("credentials"))
+        .unwrap()["mountPath"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for key in ["key_file", "redis_password_file"] {
+        let path = Path::new(shared[key].as_str().unwrap());
+        assert_eq!(path.parent().unwrap(), Path::new(&credentials_dir), "{key}");
+        let name = path.file_name().unwrap().to_str().unwrap();
+        assert!(secret[name].is_string(), "the Secret lacks {name} ({key})");
+    }
+    let password_ref = &redis["spec"]["template"]["spec"]["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"];
+    assert_eq!(password_ref["name"], m.one("Secret")["metadata"]["name"]);
+    assert_eq!(
+        Some(password_ref["key"].as_str().unwrap()),
+        Path::new(shared["redis_password_file"].as_str().unwrap())
+            .file_name()
+            .and_then(|f| f.to_str())
+    );
+
+    let egress = m.named("NetworkPolicy", "zapsign-proxy")["spec"]["egress"]
+        .as_sequence()
+        .unwrap();
+    assert!(
+        egress.iter().any(|rule| {
+            rule["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+                == redis_labels["app.kubernetes.io/name"]
+                && rule["ports"][0]["port"].as_u64() == Some(port)
+        }),
+        "the proxy's NetworkPolicy does not let it reach Redis"
+    );
+    let redis_np = m.named("NetworkPolicy", "zapsign-proxy-redis");
+    assert_eq!(
+        redis_np["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"],
+        m.proxy()["spec"]["template"]["metadata"]["labels"]
+    );
+    let k = m.one("Kustomization");
+    assert!(k["resources"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|r| r.as_str() == Some(m.file_of("Deployment", "zapsign-proxy-redis"))));
 }
