@@ -251,3 +251,79 @@ async fn calls_to_a_dead_redis_fail_within_the_operation_timeout() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `SharedState` (the store behind the `sharing` traits): a failed call marks it down at once and answers
+/// quickly; the watcher brings it back within a few seconds of Redis returning, with the shared budget spent (a
+/// restarted Redis forgot it, so going back adds no burst); a token sealed with another key counts as absent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_state_works_alone_while_redis_is_away_and_comes_back_with_the_budget_spent() {
+    use std::sync::Arc;
+    use zapsign_proxy::metrics::{Metrics, TokenExpiry};
+    use zapsign_proxy::shared::state::{BudgetShape, SharedState};
+    use zapsign_proxy::sharing::{SharedBudget, SharedDown, SharedTokens};
+
+    let mut redis = Redis::start();
+    let metrics = Arc::new(Metrics::new());
+    let period = Duration::from_secs(1);
+    let gcra = Gcra::new(20, period);
+    let shape = BudgetShape {
+        interval: gcra.slot(),
+        tolerance: gcra.tolerance(),
+        period,
+    };
+    let state = SharedState::new(store(&redis, KEY), Some(shape), metrics.clone());
+    let stop = zapsign_proxy::shutdown::Shutdown::new();
+    let watcher = tokio::spawn(state.clone().watch(stop.signal()));
+    let up = |m: &Metrics| {
+        m.render(TokenExpiry::NoToken)
+            .lines()
+            .find_map(|l| l.strip_prefix("zapsign_proxy_shared_state_up ").map(str::to_owned))
+    };
+    assert_eq!(SharedBudget::acquire(&*state).await, Ok(None));
+    assert_eq!(up(&metrics).as_deref(), Some("1"));
+
+    // Another key sealed what is stored: absent, not an error.
+    let other = store(&redis, OTHER_KEY);
+    let fence = other.try_lock(Duration::from_secs(10)).await.unwrap().unwrap();
+    other
+        .publish(
+            &fence,
+            &record(ACCESS, None, u64::MAX / 2, None),
+            Duration::from_secs(60),
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(SharedTokens::current(&*state).await, Ok(None));
+    assert!(SharedTokens::is_up(&*state), "an unopenable token is no outage");
+
+    tokio::task::block_in_place(|| redis.stop());
+    let asked = Instant::now();
+    assert_eq!(SharedBudget::acquire(&*state).await, Err(SharedDown));
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "a dead Redis held a call {:?}",
+        asked.elapsed()
+    );
+    assert!(!SharedBudget::is_up(&*state));
+    assert_eq!(up(&metrics).as_deref(), Some("0"));
+
+    tokio::task::block_in_place(|| redis.start_again());
+    let back = Instant::now();
+    while !state.up() {
+        assert!(
+            back.elapsed() < Duration::from_secs(5),
+            "not back within 5 s of Redis returning"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(up(&metrics).as_deref(), Some("1"));
+    // The restarted Redis's budget was marked spent before sharing resumed.
+    match SharedBudget::acquire(&*state).await {
+        Ok(Some(wait)) => assert!(wait > period / 2, "{wait:?}"),
+        other => panic!("a slot right after the return: {other:?}"),
+    }
+    stop.start();
+    watcher.await.unwrap();
+}
