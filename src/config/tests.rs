@@ -688,6 +688,11 @@ fn a_ca_file_needs_rediss_and_a_certificate() {
     std::fs::write(files.dir.path().join("ca.pem"), "not a certificate\n").unwrap();
     let err = error_naming(&files.config("rediss://x", &ca), &[], "shared.ca_file");
     assert!(err.contains("no certificate"), "{err}");
+    // A PEM block that is no certificate at all.
+    let junk = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+    std::fs::write(files.dir.path().join("ca.pem"), junk).unwrap();
+    let err = error_naming(&files.config("rediss://x", &ca), &[], "shared.ca_file");
+    assert!(err.contains("not a usable CA"), "{err}");
 }
 
 #[test]

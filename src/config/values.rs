@@ -379,8 +379,9 @@ impl Serialize for RedisUrl {
     }
 }
 
-/// The PEM file of `key` (`shared.ca_file`) as bytes, checked to hold at least one certificate and nothing
-/// malformed, so a wrong file fails at start instead of at the first TLS handshake with Redis.
+/// The PEM file of `key` (`shared.ca_file`) as bytes, checked to hold at least one certificate, each usable as a
+/// trust anchor, and nothing malformed, so a wrong file fails at start instead of at every TLS handshake with
+/// Redis.
 pub(super) fn read_pem_roots(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::CertificateDer;
@@ -396,6 +397,17 @@ pub(super) fn read_pem_roots(key: &str, path: &Path) -> Result<Vec<u8>, ConfigEr
             format!("{} holds no certificate", path.display()),
             fix,
         ));
+    }
+    // The Redis client makes a trust anchor of each; one it cannot use would fail every connection.
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs {
+        roots.add(cert).map_err(|e| {
+            ConfigError::invalid(
+                key,
+                format!("{} holds a certificate that is not a usable CA ({e})", path.display()),
+                fix,
+            )
+        })?;
     }
     Ok(bytes)
 }
