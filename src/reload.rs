@@ -114,17 +114,21 @@ fn needs_restart(a: &Config, b: &Config) -> Vec<&'static str> {
 pub const SECRET_POLL: Duration = Duration::from_secs(2);
 
 /// The secret files `config` names that are re-read within 10 s of changing on disk, without a signal.
-/// `upstream.ca_file` is not one: a new CA needs a restart, and `shared.*` does not exist yet.
+/// `upstream.ca_file` is not one: a new CA needs a restart. Nor is `shared.key_file`: the contract reads it at
+/// start and on SIGHUP only (a key that changed on one replica alone would make its tokens unreadable to the
+/// others), and a SIGHUP re-reads it with everything else.
 pub fn secret_files(config: &Config) -> Vec<PathBuf> {
     let auth_file = match &config.auth.mode {
         Auth::Jwt(jwt) => &jwt.password_file,
         Auth::Static(token) => &token.api_token_file,
     };
     let tls_files = config.server.tls.iter().flat_map(|tls| [&tls.cert_file, &tls.key_file]);
+    let redis_password_file = config.shared.iter().flat_map(|shared| &shared.password_file);
     auth_file
         .iter()
         .chain(&config.access.client_keys_file)
         .chain(tls_files)
+        .chain(redis_password_file)
         .cloned()
         .collect()
 }
@@ -295,9 +299,20 @@ mod tests {
         let jwt = Config::from_toml(&text("jwt"), &|_| None).unwrap();
         assert_eq!(secret_files(&jwt), [password.clone(), keys.clone()]);
         let fixed = Config::from_toml(&text("static"), &|_| None).unwrap();
-        assert_eq!(secret_files(&fixed), [token, keys]);
+        assert_eq!(secret_files(&fixed), [token.clone(), keys.clone()]);
         assert!(needs_restart(&jwt, &fixed).contains(&"auth.mode"));
         assert!(needs_restart(&jwt, &jwt).is_empty());
+        // The Redis password file is watched; the sealing key file is not (start and SIGHUP only).
+        let (redis_password, seal_key) = (file("redis-password"), dir.path().join("seal-key"));
+        std::fs::write(&seal_key, format!("{}\n", "ab".repeat(32))).unwrap();
+        let shared = format!(
+            "{}[shared]\nredis_url = \"redis://127.0.0.1:6379\"\nredis_password_file = \"{}\"\nkey_file = \"{}\"\n",
+            text("jwt"),
+            redis_password.display(),
+            seal_key.display()
+        );
+        let shared = Config::from_toml(&shared, &|_| None).unwrap();
+        assert_eq!(secret_files(&shared), [password, keys, redis_password]);
     }
 
     #[test]

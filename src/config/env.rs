@@ -27,8 +27,11 @@ struct Override {
 
 /// Every variable the configuration reads. A blank secret or key list counts as unset (an empty
 /// `ZAPSIGN_PROXY_CLIENT_KEYS` must not quietly turn off the keys the file requires); a blank address does
-/// not (`ZAPSIGN_PROXY_ADMIN_LISTEN=""` turns the admin listener off, as `admin.listen = ""` does).
-static OVERRIDES: [Override; 11] = [
+/// not (`ZAPSIGN_PROXY_ADMIN_LISTEN=""` turns the admin listener off, as `admin.listen = ""` does). A blank
+/// `ZAPSIGN_PROXY_REDIS_URL` counts as unset too: a manifest's empty placeholder must not turn off the sharing
+/// the file asks for. The Redis password and the sealing key have no inline key in the file, so the variable
+/// is their only inline form (`shared.redis_password`, `shared.key` in errors and `--check-config`).
+static OVERRIDES: [Override; 15] = [
     Override {
         var: "ZAPSIGN_PROXY_LISTEN",
         key: "server.listen",
@@ -81,6 +84,26 @@ static OVERRIDES: [Override; 11] = [
         var: "ZAPSIGN_PROXY_PACING_LIMIT",
         key: "pacing.limit",
         write: |raw, v| set(&mut raw.pacing.limit, v),
+    },
+    Override {
+        var: "ZAPSIGN_PROXY_REDIS_URL",
+        key: "shared.redis_url",
+        write: |raw, v| !v.trim().is_empty() && set(&mut raw.shared.redis_url, v),
+    },
+    Override {
+        var: "ZAPSIGN_PROXY_REDIS_PASSWORD",
+        key: "shared.redis_password",
+        write: |raw, v| set_secret(&mut raw.shared.redis_password, false, v),
+    },
+    Override {
+        var: "ZAPSIGN_PROXY_SHARED_KEY",
+        key: "shared.key",
+        write: |raw, v| set_secret(&mut raw.shared.key, false, v),
+    },
+    Override {
+        var: "ZAPSIGN_PROXY_REPLICAS",
+        key: "shared.replicas",
+        write: |raw, v| set(&mut raw.shared.replicas, v),
     },
     Override {
         var: "RUST_LOG",

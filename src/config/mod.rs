@@ -27,9 +27,9 @@ pub use env::{process_env, EnvLookup};
 pub use error::ConfigError;
 pub use types::{
     AccessConfig, AdminConfig, Auth, AuthConfig, Config, JwtAuth, LogConfig, LogFormat, ServerConfig, ServerTls,
-    StaticAuth, UpstreamConfig,
+    SharedConfig, StaticAuth, UpstreamConfig,
 };
-pub use values::{format_size, parse_log_filter, parse_size, read_secret_file, BaseUrl, ClientKey};
+pub use values::{format_size, parse_log_filter, parse_size, read_secret_file, BaseUrl, ClientKey, RedisUrl};
 
 impl LogConfig {
     /// The defaults (`text`, `info`) with `RUST_LOG` applied: logging for commands that read no config file.

@@ -26,6 +26,8 @@ pub(super) struct RawConfig {
     pub(super) log: RawLog,
     #[serde(default)]
     pub(super) pacing: RawPacing,
+    #[serde(default)]
+    pub(super) shared: RawShared,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -115,6 +117,26 @@ pub(super) struct RawPacing {
     pub(super) queue_limit: Option<usize>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawShared {
+    pub(super) redis_url: Option<String>,
+    pub(super) redis_password_file: Option<PathBuf>,
+    pub(super) ca_file: Option<PathBuf>,
+    pub(super) key_file: Option<PathBuf>,
+    pub(super) key_prefix: Option<String>,
+    /// A whole number in the file; kept as text because `ZAPSIGN_PROXY_REPLICAS` writes text here too.
+    #[serde(default, deserialize_with = "whole_number_as_text")]
+    pub(super) replicas: Option<String>,
+    /// The Redis password given by `ZAPSIGN_PROXY_REDIS_PASSWORD`. Never read from the file: the contract has no
+    /// inline key for it (`redis_password_file` names a file), so `redis_password = ...` stays an unknown key.
+    #[serde(skip)]
+    pub(super) redis_password: Option<String>,
+    /// The sealing key's hex given by `ZAPSIGN_PROXY_SHARED_KEY`. Never read from the file, for the same reason.
+    #[serde(skip)]
+    pub(super) key: Option<String>,
+}
+
 /// A TOML integer that must fit `usize`, as its decimal text.
 fn whole_number_as_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     Ok(Option::<usize>::deserialize(d)?.map(|n| n.to_string()))
@@ -146,9 +168,10 @@ pub(super) fn parse_raw(text: &str, origin: &Path) -> Result<RawConfig, ConfigEr
             "access" => value.try_into::<RawAccess>().map(drop),
             "log" => value.try_into::<RawLog>().map(drop),
             "pacing" => value.try_into::<RawPacing>().map(drop),
+            "shared" => value.try_into::<RawShared>().map(drop),
             other => {
                 p.note(parse_error(format!(
-                    "unknown section `[{other}]`; the sections are server, admin, upstream, auth, access, log and pacing"
+                    "unknown section `[{other}]`; the sections are server, admin, upstream, auth, access, log, pacing and shared"
                 )));
                 continue;
             }

@@ -18,8 +18,10 @@ impl Config {
             ("log", toml::to_string_pretty(&self.log)),
             ("pacing", toml::to_string_pretty(&PacingKeys::of(self.pacing.as_ref()))),
         ];
+        // `[shared]` only when set: without `shared.redis_url` any shared key is an error.
+        let shared = self.shared.as_ref().map(|s| ("shared", toml::to_string_pretty(s)));
         let mut out = String::new();
-        for (name, body) in sections {
+        for (name, body) in sections.into_iter().chain(shared) {
             let body = match body {
                 Ok(body) => body,
                 Err(e) => return format!("# cannot render config: {e}\n"),

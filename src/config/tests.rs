@@ -420,3 +420,411 @@ fn a_bad_pacing_value_names_its_key() {
         .to_string();
     assert!(err.contains("pacing.period"), "{err}");
 }
+
+// ---- shared.* ----
+
+/// A sealing key (64 hex digits) that must never appear in any output.
+const SEAL_HEX: &str = "5eed5eed0123456789abcdef0123456789abcdef0123456789abcdef5eed5eed";
+const REDIS: &str = "redis://127.0.0.1:6379/0";
+
+/// A directory holding a sealing key file, a Redis password file and a CA file.
+struct SharedFiles {
+    dir: tempfile::TempDir,
+}
+
+impl SharedFiles {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("key"), format!("{SEAL_HEX}\n")).unwrap();
+        std::fs::write(dir.path().join("redis-password"), "r3d1s-pw\n").unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["redis.example".to_owned()]).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    /// `STATIC` with a `[shared]` section holding `url`, the key file and `extra` lines.
+    fn config(&self, url: &str, extra: &str) -> String {
+        format!(
+            "{STATIC}[shared]\nredis_url = \"{url}\"\nkey_file = \"{}\"\n{extra}",
+            self.path("key")
+        )
+    }
+}
+
+fn shared(c: &Config) -> &SharedConfig {
+    c.shared.as_ref().expect("shared settings")
+}
+
+/// The error's text, asserting it names `key`.
+fn error_naming(text: &str, env: &[(&str, &str)], key: &str) -> String {
+    let err = Config::from_toml(text, &env_of(env)).unwrap_err().to_string();
+    assert!(err.contains(&format!("`{key}")), "{key} not named: {err}");
+    err
+}
+
+#[test]
+fn shared_is_off_without_a_redis_url() {
+    let c = Config::from_toml(STATIC, &env_of(&[])).unwrap();
+    assert!(c.shared.is_none());
+    assert!(!c.to_redacted_toml().contains("[shared]"));
+    // A blank URL (a template's empty placeholder, in the file or the environment) means alone too.
+    let c = Config::from_toml(&format!("{STATIC}[shared]\nredis_url = \" \"\n"), &env_of(&[])).unwrap();
+    assert!(c.shared.is_none());
+    let c = Config::from_toml(STATIC, &env_of(&[("ZAPSIGN_PROXY_REDIS_URL", "")])).unwrap();
+    assert!(c.shared.is_none());
+}
+
+#[test]
+fn shared_settings_from_the_file_with_defaults() {
+    let files = SharedFiles::new();
+    let text = files.config(
+        REDIS,
+        &format!("redis_password_file = \"{}\"\n", files.path("redis-password")),
+    );
+    let c = Config::from_toml(&text, &env_of(&[])).unwrap();
+    let s = shared(&c);
+    assert_eq!(s.redis_url.as_str(), REDIS);
+    assert!(!s.redis_url.is_tls());
+    assert_eq!(s.password.as_ref().unwrap().expose(), "r3d1s-pw");
+    assert_eq!(
+        s.password_file.as_ref().unwrap().display().to_string(),
+        files.path("redis-password")
+    );
+    assert_eq!(s.key_file.as_ref().unwrap().display().to_string(), files.path("key"));
+    assert_eq!((s.key_prefix.as_str(), s.replicas), ("zapsign-proxy", 1));
+    assert_eq!((s.ca_file.as_ref(), s.ca_pem.as_ref()), (None, None));
+    assert_eq!(s.scope, "static-b81c829ac55e858e");
+    // The key is the file's: what it seals opens with the same hex.
+    let sealed = s.key.seal("n", b"token").unwrap();
+    assert_eq!(
+        crate::shared::seal::SealKey::from_hex(SEAL_HEX)
+            .unwrap()
+            .open("n", &sealed)
+            .unwrap(),
+        b"token"
+    );
+    let text = files.config(REDIS, "key_prefix = \"prod:zapsign\"\nreplicas = 3\n");
+    let s = Config::from_toml(&text, &env_of(&[])).unwrap().shared.unwrap();
+    assert_eq!(
+        (s.key_prefix.as_str(), s.replicas, s.password),
+        ("prod:zapsign", 3, None)
+    );
+}
+
+#[test]
+fn shared_environment_overrides_the_file() {
+    let files = SharedFiles::new();
+    // The environment's password and key win, and their file keys are not read (they may not even exist).
+    let text = format!(
+        "{STATIC}[shared]\nredis_url = \"redis://file.example:6379\"\nredis_password_file = \"/nonexistent/pw\"\n\
+         key_file = \"/nonexistent/key\"\nreplicas = 2\n"
+    );
+    let env = [
+        ("ZAPSIGN_PROXY_REDIS_URL", "rediss://env.example:6380/2"),
+        ("ZAPSIGN_PROXY_REDIS_PASSWORD", "env-pw"),
+        ("ZAPSIGN_PROXY_SHARED_KEY", SEAL_HEX),
+        ("ZAPSIGN_PROXY_REPLICAS", "5"),
+    ];
+    let c = Config::from_toml(&text, &env_of(&env)).unwrap();
+    let s = shared(&c);
+    assert_eq!(s.redis_url.as_str(), "rediss://env.example:6380/2");
+    assert!(s.redis_url.is_tls());
+    assert_eq!(s.password.as_ref().unwrap().expose(), "env-pw");
+    assert_eq!(s.replicas, 5);
+    // The environment alone is enough.
+    let env = [
+        ("ZAPSIGN_PROXY_REDIS_URL", REDIS),
+        ("ZAPSIGN_PROXY_SHARED_KEY", SEAL_HEX),
+    ];
+    let s = Config::from_toml(STATIC, &env_of(&env)).unwrap().shared.unwrap();
+    assert_eq!((s.redis_url.as_str(), s.key_file, s.password), (REDIS, None, None));
+    // Blank secrets count as unset: the files are read.
+    let text = files.config(
+        REDIS,
+        &format!("redis_password_file = \"{}\"\n", files.path("redis-password")),
+    );
+    let env = [("ZAPSIGN_PROXY_REDIS_PASSWORD", ""), ("ZAPSIGN_PROXY_SHARED_KEY", "")];
+    let s = Config::from_toml(&text, &env_of(&env)).unwrap().shared.unwrap();
+    assert_eq!(s.password.unwrap().expose(), "r3d1s-pw");
+    // A bad value from the environment is named with its variable.
+    error_naming(
+        &text,
+        &[("ZAPSIGN_PROXY_REPLICAS", "0")],
+        "shared.replicas (from ZAPSIGN_PROXY_REPLICAS)",
+    );
+    error_naming(
+        STATIC,
+        &[
+            ("ZAPSIGN_PROXY_REDIS_URL", "http://x"),
+            ("ZAPSIGN_PROXY_SHARED_KEY", SEAL_HEX),
+        ],
+        "shared.redis_url (from ZAPSIGN_PROXY_REDIS_URL)",
+    );
+}
+
+#[test]
+fn a_redis_url_needs_a_key() {
+    let err = error_naming(
+        &format!("{STATIC}[shared]\nredis_url = \"{REDIS}\"\n"),
+        &[],
+        "shared.key_file",
+    );
+    assert!(
+        err.contains("openssl rand -hex 32") && err.contains("ZAPSIGN_PROXY_SHARED_KEY"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_malformed_key_is_refused_without_being_shown() {
+    let files = SharedFiles::new();
+    let short = &SEAL_HEX[..63];
+    let not_hex = format!("{}zz", &SEAL_HEX[..62]);
+    for bad in [short, not_hex.as_str()] {
+        std::fs::write(files.dir.path().join("key"), bad).unwrap();
+        let err = error_naming(&files.config(REDIS, ""), &[], "shared.key_file");
+        assert!(err.contains("64 hex characters") && !err.contains(bad), "{err}");
+        let env = [("ZAPSIGN_PROXY_REDIS_URL", REDIS), ("ZAPSIGN_PROXY_SHARED_KEY", bad)];
+        let err = error_naming(STATIC, &env, "shared.key (from ZAPSIGN_PROXY_SHARED_KEY)");
+        assert!(!err.contains(bad), "{err}");
+    }
+    // An empty or unreadable key file names its key.
+    std::fs::write(files.dir.path().join("key"), "\n").unwrap();
+    error_naming(&files.config(REDIS, ""), &[], "shared.key_file");
+    let text = format!("{STATIC}[shared]\nredis_url = \"{REDIS}\"\nkey_file = \"/nonexistent/key\"\n");
+    error_naming(&text, &[], "shared.key_file");
+}
+
+#[test]
+fn a_redis_url_must_be_redis_or_rediss_and_parse() {
+    let files = SharedFiles::new();
+    for bad in [
+        "http://127.0.0.1:6379",
+        "unix:///run/redis.sock",
+        "valkey://x:6379",
+        "127.0.0.1:6379",
+    ] {
+        let err = error_naming(&files.config(bad, ""), &[], "shared.redis_url");
+        assert!(err.contains("redis://HOST:PORT/DB"), "{err}");
+    }
+    for bad in [
+        "redis://",
+        "redis://x:port",
+        "redis://x:6379/db",
+        "redis://0.0.0.0:6379",
+    ] {
+        error_naming(&files.config(bad, ""), &[], "shared.redis_url");
+    }
+    // `#insecure` would turn off the certificate check.
+    let err = error_naming(&files.config("rediss://x:6380#insecure", ""), &[], "shared.redis_url");
+    assert!(err.contains("shared.ca_file"), "{err}");
+    // A user name (Redis ACL) is fine; the password comes from the password file.
+    for good in [
+        "redis://x",
+        "redis://proxy@x:6379/1",
+        "rediss://[::1]:6380",
+        "redis://x/?protocol=resp3",
+    ] {
+        let c = Config::from_toml(&files.config(good, ""), &env_of(&[])).unwrap();
+        assert_eq!(shared(&c).redis_url.as_str(), good);
+    }
+}
+
+#[test]
+fn a_password_in_the_redis_url_is_refused_and_never_repeated() {
+    let files = SharedFiles::new();
+    for url in [
+        "redis://:hunter2@x:6379",
+        "redis://user:hunter2@x:6379/0",
+        "rediss://:hunter2@x",
+    ] {
+        let err = error_naming(&files.config(url, ""), &[], "shared.redis_url");
+        assert!(
+            err.contains("shared.redis_password_file") && !err.contains("hunter2"),
+            "{err}"
+        );
+        let env = [("ZAPSIGN_PROXY_REDIS_URL", url), ("ZAPSIGN_PROXY_SHARED_KEY", SEAL_HEX)];
+        let err = error_naming(STATIC, &env, "shared.redis_url (from ZAPSIGN_PROXY_REDIS_URL)");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+    // Nor is a URL with user info repeated when it fails to parse for another reason.
+    let err = error_naming(&files.config("redis://:hunter2@x:port", ""), &[], "shared.redis_url");
+    assert!(!err.contains("hunter2"), "{err}");
+}
+
+#[test]
+fn replicas_are_one_or_more() {
+    let files = SharedFiles::new();
+    error_naming(&files.config(REDIS, "replicas = 0\n"), &[], "shared.replicas");
+    assert!(Config::from_toml(&files.config(REDIS, "replicas = -1\n"), &env_of(&[])).is_err());
+    error_naming(
+        &files.config(REDIS, ""),
+        &[("ZAPSIGN_PROXY_REPLICAS", "many")],
+        "shared.replicas (from ZAPSIGN_PROXY_REPLICAS)",
+    );
+}
+
+#[test]
+fn a_ca_file_needs_rediss_and_a_certificate() {
+    let files = SharedFiles::new();
+    let ca = format!("ca_file = \"{}\"\n", files.path("ca.pem"));
+    let c = Config::from_toml(&files.config("rediss://x:6380", &ca), &env_of(&[])).unwrap();
+    let pem = shared(&c).ca_pem.clone().unwrap();
+    assert_eq!(pem.as_slice(), std::fs::read(files.path("ca.pem")).unwrap());
+    assert!(
+        format!("{c:?}").contains("ca_pem_bytes"),
+        "the content is shown by its length"
+    );
+    // Given with redis:// it would never be used.
+    let err = error_naming(&files.config(REDIS, &ca), &[], "shared.ca_file");
+    assert!(err.contains("rediss://"), "{err}");
+    // Unreadable, or no certificate in it.
+    let missing = files.config("rediss://x", "ca_file = \"/nonexistent/ca.pem\"\n");
+    error_naming(&missing, &[], "shared.ca_file");
+    std::fs::write(files.dir.path().join("ca.pem"), "not a certificate\n").unwrap();
+    let err = error_naming(&files.config("rediss://x", &ca), &[], "shared.ca_file");
+    assert!(err.contains("no certificate"), "{err}");
+    // A PEM block that is no certificate at all.
+    let junk = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+    std::fs::write(files.dir.path().join("ca.pem"), junk).unwrap();
+    let err = error_naming(&files.config("rediss://x", &ca), &[], "shared.ca_file");
+    assert!(err.contains("not a usable CA"), "{err}");
+}
+
+#[test]
+fn a_key_prefix_is_a_plain_name() {
+    let files = SharedFiles::new();
+    for bad in [
+        "",
+        " ",
+        "zap sign",
+        "zap\tsign",
+        "zapsign:",
+        ":zapsign",
+        "zap*",
+        "zap?",
+        "zap[1]",
+    ] {
+        let text = files.config(REDIS, &format!("key_prefix = {bad:?}\n"));
+        error_naming(&text, &[], "shared.key_prefix");
+    }
+    for good in ["zapsign-proxy", "prod:zapsign", "{zapsign}", "a.b_c/d"] {
+        let text = files.config(REDIS, &format!("key_prefix = {good:?}\n"));
+        let c = Config::from_toml(&text, &env_of(&[])).unwrap();
+        assert_eq!(shared(&c).key_prefix, good);
+    }
+}
+
+#[test]
+fn an_unreadable_redis_password_file_names_its_key() {
+    let files = SharedFiles::new();
+    let text = files.config(REDIS, "redis_password_file = \"/nonexistent/pw\"\n");
+    error_naming(&text, &[], "shared.redis_password_file");
+    std::fs::write(files.dir.path().join("redis-password"), "\n").unwrap();
+    let text = files.config(
+        REDIS,
+        &format!("redis_password_file = \"{}\"\n", files.path("redis-password")),
+    );
+    error_naming(&text, &[], "shared.redis_password_file");
+}
+
+#[test]
+fn shared_keys_without_a_redis_url_are_an_error() {
+    let files = SharedFiles::new();
+    let text = format!("{STATIC}[shared]\nkey_file = \"{}\"\nreplicas = 3\n", files.path("key"));
+    let err = error_naming(&text, &[], "shared.redis_url");
+    assert!(err.contains("shared.key_file, shared.replicas are set"), "{err}");
+    let err = error_naming(STATIC, &[("ZAPSIGN_PROXY_REPLICAS", "3")], "shared.redis_url");
+    assert!(
+        err.contains("shared.replicas (from ZAPSIGN_PROXY_REPLICAS) is set"),
+        "{err}"
+    );
+    // A key given inline in the file is no key of the contract: the environment or a file only.
+    for inline in ["key = \"00\"", "redis_password = \"pw\""] {
+        let text = files.config(REDIS, &format!("{inline}\n"));
+        let err = Config::from_toml(&text, &env_of(&[])).unwrap_err().to_string();
+        assert!(err.contains("unknown field"), "{err}");
+    }
+}
+
+#[test]
+fn the_shared_scope_is_the_organization_or_a_hash() {
+    let c = Config::from_toml(JWT, &env_of(&[])).unwrap();
+    assert_eq!(c.auth.mode.shared_scope(), "7");
+    let mut no_org = jwt(&c).clone();
+    no_org.organization_id = String::new();
+    assert_eq!(Auth::Jwt(no_org).shared_scope(), "user-0bfe935e70c321c7");
+    // Static mode: 16 hex digits of the token's SHA-256 (sha256("t0k3n") starts b81c829a...), never the token.
+    let c = Config::from_toml(STATIC, &env_of(&[])).unwrap();
+    assert_eq!(c.auth.mode.shared_scope(), "static-b81c829ac55e858e");
+    let other = Config::from_toml(STATIC, &env_of(&[("ZAPSIGN_API_TOKEN", "other")])).unwrap();
+    assert_ne!(other.auth.mode.shared_scope(), c.auth.mode.shared_scope());
+    // The validated settings carry the scope of their own auth.
+    let env = [
+        ("ZAPSIGN_PROXY_REDIS_URL", REDIS),
+        ("ZAPSIGN_PROXY_SHARED_KEY", SEAL_HEX),
+    ];
+    let c = Config::from_toml(JWT, &env_of(&env)).unwrap();
+    assert_eq!(shared(&c).scope, "7");
+}
+
+#[test]
+fn shared_secrets_never_show_and_the_output_loads_again() {
+    let files = SharedFiles::new();
+    let secrets = ["r3d1s-pw", "env-pw", SEAL_HEX, "t0k3n"];
+    let assert_hidden = |c: &Config| {
+        let (debug, out) = (format!("{c:?}"), c.to_redacted_toml());
+        for secret in secrets {
+            assert!(
+                !debug.contains(secret) && !out.contains(secret),
+                "{secret} shown:\n{debug}\n{out}"
+            );
+        }
+    };
+    // From files: the file keys are shown.
+    let text = files.config(
+        "rediss://proxy@x:6380/1",
+        &format!(
+            "redis_password_file = \"{}\"\nca_file = \"{}\"\nkey_prefix = \"prod:zp\"\nreplicas = 3\n",
+            files.path("redis-password"),
+            files.path("ca.pem")
+        ),
+    );
+    let c = Config::from_toml(&text, &env_of(&[])).unwrap();
+    assert_hidden(&c);
+    let out = c.to_redacted_toml();
+    for line in [
+        "[shared]\nredis_url = \"rediss://proxy@x:6380/1\"\n".to_owned(),
+        format!("redis_password_file = \"{}\"\n", files.path("redis-password")),
+        format!("key_file = \"{}\"\n", files.path("key")),
+        "key_prefix = \"prod:zp\"\nreplicas = 3\n".to_owned(),
+    ] {
+        assert!(out.contains(&line), "{line} missing:\n{out}");
+    }
+    assert!(!out.contains("# shared."), "{out}");
+    let token = [("ZAPSIGN_API_TOKEN", "t0k3n")];
+    let again = Config::from_toml(&out, &env_of(&token)).unwrap();
+    assert_eq!(again.to_redacted_toml(), out);
+    assert_eq!(format!("{:?}", again.shared), format!("{:?}", c.shared));
+    // From the environment: only comments say they are set.
+    let env = [
+        ("ZAPSIGN_PROXY_REDIS_URL", REDIS),
+        ("ZAPSIGN_PROXY_REDIS_PASSWORD", "env-pw"),
+        ("ZAPSIGN_PROXY_SHARED_KEY", SEAL_HEX),
+    ];
+    let c = Config::from_toml(STATIC, &env_of(&env)).unwrap();
+    assert_hidden(&c);
+    let out = c.to_redacted_toml();
+    assert!(
+        out.contains("# shared.redis_password: set, not shown\n") && out.contains("# shared.key: set, not shown\n"),
+        "{out}"
+    );
+    let env: Vec<_> = env.into_iter().chain(token).collect();
+    let again = Config::from_toml(&out, &env_of(&env)).unwrap();
+    assert_eq!(again.to_redacted_toml(), out);
+    assert_eq!(shared(&again).password.as_ref().unwrap().expose(), "env-pw");
+}

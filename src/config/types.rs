@@ -3,12 +3,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::{Serialize, Serializer};
 
-use super::values::{format_size, BaseUrl, ClientKey};
+use super::values::{format_size, BaseUrl, ClientKey, RedisUrl};
 use crate::secret::Secret;
 
 /// The validated, effective configuration. Each section serializes as the keys that would load it again; a
@@ -30,6 +31,10 @@ pub struct Config {
     /// `pacing.*`: the account's budget; `None` when `pacing.limit = 0` turns pacing off (no pacer is built).
     #[serde(skip)]
     pub pacing: Option<crate::pacing::Settings>,
+    /// `shared.*`: the Redis the processes of one account share; `None` without `shared.redis_url` (this
+    /// process works alone). Rendered by [`Config::to_redacted_toml`] only when set.
+    #[serde(skip)]
+    pub shared: Option<SharedConfig>,
     /// Secrets given inline or by the environment (`auth.password`, ...): `--check-config` can only say they are
     /// set, as a comment. A secret from a file shows as its file key instead.
     #[serde(skip)]
@@ -122,6 +127,25 @@ impl Auth {
             Self::Static(_) => "static",
         }
     }
+
+    /// The account part of every shared Redis key (`<prefix>:<scope>:...`): processes with the same scope share
+    /// a token and a pacing budget. JWT mode: the organization id (digits), which every replica of the account
+    /// is given; should it ever be empty, `user-` and the first 16 hex digits of the username's SHA-256. Static
+    /// mode has no organization id: `static-` and the first 16 hex digits of the API token's SHA-256, so
+    /// processes with the same token share and the token itself never reaches Redis. The prefixes keep the
+    /// three forms apart (an organization id has only digits).
+    pub fn shared_scope(&self) -> String {
+        fn digest16(prefix: &str, value: &str) -> String {
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(value.as_bytes());
+            format!("{prefix}{}", crate::secret::hex(&digest[..8]))
+        }
+        match self {
+            Self::Jwt(jwt) if !jwt.organization_id.is_empty() => jwt.organization_id.clone(),
+            Self::Jwt(jwt) => digest16("user-", &jwt.username),
+            Self::Static(s) => digest16("static-", s.api_token.expose()),
+        }
+    }
 }
 
 /// `auth.mode = "jwt"`: the login credentials and where the auth calls go.
@@ -175,6 +199,58 @@ pub struct AccessConfig {
     pub client_keys: Vec<ClientKey>,
     /// Path prefixes callers may reach.
     pub allow_paths: Vec<String>,
+}
+
+/// `shared.*`: how this process reaches the Redis it shares with the other processes of the account, and what
+/// it calls the keys there. Serializes as the keys that load it again; the password, the sealing key, the CA's
+/// content and the scope never serialize (a secret given by the environment is named in a comment instead).
+#[derive(Clone, Serialize)]
+pub struct SharedConfig {
+    /// `shared.redis_url` / `ZAPSIGN_PROXY_REDIS_URL`: never holds a password (refused at load).
+    pub redis_url: RedisUrl,
+    /// From `shared.redis_password_file` or `ZAPSIGN_PROXY_REDIS_PASSWORD` (which wins).
+    #[serde(skip)]
+    pub password: Option<Secret>,
+    /// `shared.redis_password_file`: re-read when it changes on disk (see `reload::secret_files`).
+    #[serde(rename = "redis_password_file")]
+    pub password_file: Option<PathBuf>,
+    /// `shared.ca_file`: extra PEM roots for `rediss://` (only with `rediss://`).
+    pub ca_file: Option<PathBuf>,
+    /// The content of `ca_file`, read and checked at load (at least one certificate).
+    #[serde(skip)]
+    pub ca_pem: Option<Arc<Vec<u8>>>,
+    /// Seals every token stored in Redis; from `ZAPSIGN_PROXY_SHARED_KEY` or `shared.key_file`. Read at start
+    /// and on SIGHUP only.
+    #[serde(skip)]
+    pub key: Arc<crate::shared::seal::SealKey>,
+    /// `shared.key_file`, when the key came from a file.
+    pub key_file: Option<PathBuf>,
+    /// `shared.key_prefix`: the first part of every key.
+    pub key_prefix: String,
+    /// `shared.replicas` (1 or more): processes sharing the account; alone (Redis away) each paces at
+    /// `limit / replicas`.
+    pub replicas: u32,
+    /// The account part of every key: [`Auth::shared_scope`] of this configuration's `auth`.
+    #[serde(skip)]
+    pub scope: String,
+}
+
+impl std::fmt::Debug for SharedConfig {
+    /// The CA's content shows as its length; the password and key as `[redacted]`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedConfig")
+            .field("redis_url", &self.redis_url)
+            .field("password", &self.password)
+            .field("password_file", &self.password_file)
+            .field("ca_file", &self.ca_file)
+            .field("ca_pem_bytes", &self.ca_pem.as_ref().map(|pem| pem.len()))
+            .field("key", &self.key)
+            .field("key_file", &self.key_file)
+            .field("key_prefix", &self.key_prefix)
+            .field("replicas", &self.replicas)
+            .field("scope", &self.scope)
+            .finish()
+    }
 }
 
 /// Log line format.

@@ -11,17 +11,18 @@ use ipnet::IpNet;
 use super::env::{apply_overrides, EnvLookup, Sources};
 use super::error::{ConfigError, Problems};
 use super::raw::{
-    RawAccess, RawAdmin, RawAuth, RawConfig, RawLog, RawOrganizationId, RawPacing, RawServer, RawUpstream,
+    RawAccess, RawAdmin, RawAuth, RawConfig, RawLog, RawOrganizationId, RawPacing, RawServer, RawShared, RawUpstream,
 };
 use super::types::{
     AccessConfig, AdminConfig, Auth, AuthConfig, Config, JwtAuth, LogConfig, LogFormat, ServerConfig, ServerTls,
-    StaticAuth, UpstreamConfig,
+    SharedConfig, StaticAuth, UpstreamConfig,
 };
 use super::values::{
-    check_org_id, check_readable, parse_addr, parse_duration, parse_log_filter, parse_size, read_client_keys_file,
-    read_secret_file, BaseUrl,
+    check_key_prefix, check_org_id, check_readable, parse_addr, parse_duration, parse_log_filter, parse_size,
+    read_client_keys_file, read_pem_roots, read_secret_file, BaseUrl, RedisUrl,
 };
 use crate::secret::Secret;
+use crate::shared::seal::SealKey;
 
 /// Applies the environment over `raw` and validates the result.
 pub(super) fn config(mut raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
@@ -35,6 +36,7 @@ pub(super) fn config(mut raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, C
     let access = access(raw.access, &sources, &mut p, &mut secrets_not_shown);
     let log = log(raw.log, &mut p);
     let pacing = pacing(raw.pacing, &sources, &mut p);
+    let shared = shared(raw.shared, &auth.mode, &sources, &mut p, &mut secrets_not_shown);
     p.finish(Config {
         server,
         admin,
@@ -43,7 +45,143 @@ pub(super) fn config(mut raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, C
         access,
         log,
         pacing,
+        shared,
         secrets_not_shown,
+    })
+}
+
+/// `shared.*`: the settings, or `None` without `shared.redis_url` (this process works alone). Every key given
+/// is checked either way; any of them given without `shared.redis_url` is an error, so a setup that means to
+/// share (a key file mounted, `ZAPSIGN_PROXY_REPLICAS` set) but lost its URL to a typo never runs alone
+/// unnoticed, spending the account's budget as if it were the only process.
+fn shared(
+    raw: RawShared,
+    auth: &Auth,
+    sources: &Sources,
+    p: &mut Problems,
+    not_shown: &mut Vec<&'static str>,
+) -> Option<SharedConfig> {
+    let url_key = sources.name("shared.redis_url");
+    let url = match raw.redis_url.as_deref().map(str::trim) {
+        // Blank counts as unset, as the environment's blank does: a template's empty placeholder means alone.
+        Some("") | None => Ok(None),
+        Some(text) => RedisUrl::parse(&url_key, text).map(Some),
+    };
+    let url_given = url.as_ref().map_or(true, Option::is_some);
+    let url = p.ok(url).flatten();
+    let given: Vec<String> = [
+        ("shared.redis_password_file", raw.redis_password_file.is_some()),
+        ("shared.redis_password", raw.redis_password.is_some()),
+        ("shared.ca_file", raw.ca_file.is_some()),
+        ("shared.key_file", raw.key_file.is_some()),
+        ("shared.key", raw.key.is_some()),
+        ("shared.key_prefix", raw.key_prefix.is_some()),
+        ("shared.replicas", raw.replicas.is_some()),
+    ]
+    .into_iter()
+    .filter(|(_, given)| *given)
+    .map(|(key, _)| sources.name(key))
+    .collect();
+    if !url_given && !given.is_empty() {
+        p.note(ConfigError::invalid(
+            "shared.redis_url",
+            format!(
+                "missing, but {} {} set: without it this process works alone, as if no other process spent the account",
+                given.join(", "),
+                if given.len() == 1 { "is" } else { "are" },
+            ),
+            "set shared.redis_url (or ZAPSIGN_PROXY_REDIS_URL) to share the account with the other processes, or remove the shared keys to run alone",
+        ));
+    }
+    let password = secret(
+        sources,
+        ("shared.redis_password", raw.redis_password),
+        ("shared.redis_password_file", raw.redis_password_file.as_deref()),
+    );
+    let password = p.ok(password).flatten();
+    let ca_pem = raw
+        .ca_file
+        .as_deref()
+        .and_then(|path| p.ok(read_pem_roots("shared.ca_file", path)));
+    if let (Some(url), Some(_)) = (&url, &raw.ca_file) {
+        if !url.is_tls() {
+            p.note(ConfigError::invalid(
+                "shared.ca_file",
+                format!("is set but {url_key} is redis:// (no TLS), so it would never be used"),
+                "use a rediss:// URL for TLS to Redis, or remove shared.ca_file",
+            ));
+        }
+    }
+    let key_given = raw.key.is_some() || raw.key_file.is_some();
+    let key = secret(
+        sources,
+        ("shared.key", raw.key),
+        ("shared.key_file", raw.key_file.as_deref()),
+    )
+    .and_then(|given| match given {
+        Some(given) => {
+            let key_name = if given.not_shown {
+                sources.name("shared.key")
+            } else {
+                "shared.key_file".to_owned()
+            };
+            // The error says what is wrong (length, a non-hex character), never the key.
+            let key = SealKey::from_hex(given.value.expose()).map_err(|e| {
+                ConfigError::invalid(
+                    &key_name,
+                    e.to_string(),
+                    "give every process of the account the same key (shared.key_file or ZAPSIGN_PROXY_SHARED_KEY)",
+                )
+            })?;
+            Ok(Some((key, given.not_shown)))
+        }
+        None => Ok(None),
+    });
+    let key = p.ok(key).flatten();
+    if url_given && !key_given {
+        p.note(ConfigError::invalid(
+            "shared.key_file",
+            format!("is required with {url_key}: every token stored in Redis is sealed with it"),
+            "create one with `openssl rand -hex 32 > shared.key`, and give the same file to every process as \
+             shared.key_file (or its content as ZAPSIGN_PROXY_SHARED_KEY)",
+        ));
+    }
+    let key_prefix = p.ok(check_key_prefix(
+        "shared.key_prefix",
+        raw.key_prefix.unwrap_or_else(|| "zapsign-proxy".to_owned()),
+    ));
+    let replicas = match raw.replicas {
+        Some(text) => {
+            let parsed = text.trim().parse::<u32>().ok().filter(|r| *r >= 1).ok_or_else(|| {
+                ConfigError::invalid(
+                    &sources.name("shared.replicas"),
+                    format!("`{text}` is not a positive whole number"),
+                    "set how many processes share the account (1 or more); alone each paces at limit / replicas",
+                )
+            });
+            p.ok(parsed)
+        }
+        None => Some(1),
+    };
+    // Any problem above was noted, and `finish` returns it instead of this.
+    let (redis_url, (key, key_not_shown), key_prefix, replicas) = (url?, key?, key_prefix?, replicas?);
+    if password.as_ref().is_some_and(|given| given.not_shown) {
+        not_shown.push("shared.redis_password");
+    }
+    if key_not_shown {
+        not_shown.push("shared.key");
+    }
+    Some(SharedConfig {
+        redis_url,
+        password: password.map(|given| given.value),
+        password_file: raw.redis_password_file,
+        ca_file: raw.ca_file,
+        ca_pem: ca_pem.map(std::sync::Arc::new),
+        key: std::sync::Arc::new(key),
+        key_file: raw.key_file,
+        key_prefix,
+        replicas,
+        scope: auth.shared_scope(),
     })
 }
 

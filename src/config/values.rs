@@ -295,3 +295,144 @@ impl ClientKey {
         }
     }
 }
+
+/// `shared.redis_url`: a `redis://` or `rediss://` URL the `redis` crate accepts, holding no password (that
+/// comes from `shared.redis_password_file` or `ZAPSIGN_PROXY_REDIS_PASSWORD`, so the URL is never a secret and
+/// its `Debug`, `--check-config` and logs can show it as written). A user name (Redis ACL user) may stay.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl {
+    /// As written, without surrounding white space.
+    text: String,
+    /// `rediss://`: TLS to Redis.
+    tls: bool,
+}
+
+impl RedisUrl {
+    /// Parses and checks `text` for `key` (the key's name as errors show it). The error never repeats a URL that
+    /// holds user info, which may be a password.
+    pub(super) fn parse(key: &str, text: &str) -> Result<Self, ConfigError> {
+        use redis::IntoConnectionInfo;
+        let fix = "write it as redis://HOST:PORT/DB, or rediss://HOST:PORT/DB for TLS";
+        let text = text.trim();
+        let shown = if text.contains('@') {
+            "the URL".to_owned()
+        } else {
+            format!("`{text}`")
+        };
+        let tls = match text.split_once("://").map(|(scheme, _)| scheme) {
+            Some("redis") => false,
+            Some("rediss") => true,
+            Some(other) => {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("scheme `{other}` is not supported"),
+                    fix,
+                ))
+            }
+            None => return Err(ConfigError::invalid(key, format!("{shown} has no scheme"), fix)),
+        };
+        if text.contains('#') {
+            // The redis crate reads `#insecure` as "do not check Redis's certificate".
+            return Err(ConfigError::invalid(
+                key,
+                "a `#` fragment in the URL is not supported (`#insecure` would turn off certificate checks)",
+                "remove it; for a Redis certificate from a private CA set shared.ca_file",
+            ));
+        }
+        let info = text
+            .into_connection_info()
+            .map_err(|e| ConfigError::invalid(key, format!("{shown} is not a Redis URL ({e})"), fix))?;
+        if info.redis_settings().password().is_some() {
+            return Err(ConfigError::invalid(
+                key,
+                "the URL holds a password",
+                "remove it from the URL and write it into the file named by shared.redis_password_file \
+                 (or set ZAPSIGN_PROXY_REDIS_PASSWORD), so it is never shown with the URL",
+            ));
+        }
+        Ok(Self {
+            text: text.to_owned(),
+            tls,
+        })
+    }
+
+    /// The URL as written, for the Redis client (never holds a password).
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Whether it is `rediss://` (TLS).
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl Serialize for RedisUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+/// The PEM file of `key` (`shared.ca_file`) as bytes, checked to hold at least one certificate, each usable as a
+/// trust anchor, and nothing malformed, so a wrong file fails at start instead of at every TLS handshake with
+/// Redis.
+pub(super) fn read_pem_roots(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let fix = "give a PEM file with -----BEGIN CERTIFICATE----- blocks (the CA that signed Redis's certificate)";
+    let bytes = std::fs::read(path)
+        .map_err(|e| ConfigError::invalid(key, format!("cannot read {}: {e}", path.display()), fix))?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ConfigError::invalid(key, format!("{} is not valid PEM: {e}", path.display()), fix))?;
+    if certs.is_empty() {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{} holds no certificate", path.display()),
+            fix,
+        ));
+    }
+    // The Redis client makes a trust anchor of each; one it cannot use would fail every connection.
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs {
+        roots.add(cert).map_err(|e| {
+            ConfigError::invalid(
+                key,
+                format!("{} holds a certificate that is not a usable CA ({e})", path.display()),
+                fix,
+            )
+        })?;
+    }
+    Ok(bytes)
+}
+
+/// Checks `shared.key_prefix`: the first part of every Redis key (`<prefix>:<scope>:token`). Refused: empty,
+/// white space or control characters (they break `redis-cli` and key listings), glob characters `*?[]\`
+/// (so `SCAN MATCH '<prefix>:*'` finds exactly the proxy's keys), and a `:` at either end (the proxy adds the
+/// separator itself). Inner `:` and Redis Cluster hash tags (`{zapsign}`) are allowed.
+pub(super) fn check_key_prefix(key: &str, prefix: String) -> Result<String, ConfigError> {
+    let fix = "use letters, digits and -_.: such as \"zapsign-proxy\" or \"prod:zapsign-proxy\"";
+    let problem = if prefix.is_empty() {
+        Some("is empty".to_owned())
+    } else if let Some(c) = prefix.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        Some(format!("holds white space or a control character ({c:?})"))
+    } else if let Some(c) = prefix.chars().find(|c| matches!(c, '*' | '?' | '[' | ']' | '\\')) {
+        Some(format!("holds the glob character `{c}`"))
+    } else if prefix.starts_with(':') || prefix.ends_with(':') {
+        Some(format!(
+            "`{prefix}` starts or ends with `:`; the proxy adds the separator"
+        ))
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(ConfigError::invalid(key, problem, fix)),
+        None => Ok(prefix),
+    }
+}
