@@ -422,7 +422,11 @@ mod tests {
         assert_eq!(with("7"), Some(Duration::from_secs(7)));
         assert_eq!(with(" 0 "), Some(Duration::ZERO));
         assert_eq!(with("Wed, 21 Oct 2015 07:28:42 GMT"), Some(Duration::from_secs(42)));
-        assert_eq!(with("Wed, 21 Oct 2015 07:27:00 GMT"), Some(Duration::ZERO), "a date past is now");
+        assert_eq!(
+            with("Wed, 21 Oct 2015 07:27:00 GMT"),
+            Some(Duration::ZERO),
+            "a date past is now"
+        );
         assert_eq!(with("soon"), None);
         assert_eq!(with("-1"), None);
         assert_eq!(retry_after_secs(&HeaderMap::new()), None);
