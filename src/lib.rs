@@ -133,8 +133,12 @@ pub async fn run_with_reloads(
     let server_tls = reload::tls_cell(&config)?;
     let metrics = Arc::new(Metrics::new());
     let stop = crate::shutdown::Shutdown::new();
-    let (holder, renewer) = token_keeper(&config, &tls, &metrics)?;
+    let shared = proxy::shared_state(&config, &metrics)?;
+    let (holder, renewer) = token_keeper(&config, &tls, &metrics, shared.as_ref())?;
     let tasks = tasks::Tasks::new();
+    if let Some(shared) = &shared {
+        tasks.spawn(shared.clone().watch(stop.signal()));
+    }
     if let Some(renewer) = &renewer {
         tasks.spawn(renewer.clone().run(stop.signal()));
     }
@@ -143,6 +147,7 @@ pub async fn run_with_reloads(
         tls,
         holder.clone(),
         renewer,
+        shared,
         metrics.clone(),
         tasks.clone(),
     ));
@@ -189,11 +194,12 @@ pub async fn run_with_reloads(
     Ok(())
 }
 
-/// The token holder, and in JWT mode the renewer that fills it.
+/// The token holder, and in JWT mode the renewer that fills it (sharing its token through `shared` when set).
 fn token_keeper(
     config: &Config,
     tls: &rustls::ClientConfig,
     metrics: &Arc<Metrics>,
+    shared: Option<&Arc<shared::state::SharedState>>,
 ) -> Result<(Arc<TokenHolder>, Option<Arc<Renewer>>), ConfigError> {
     match &config.auth.mode {
         Auth::Static(auth) => {
@@ -215,6 +221,10 @@ fn token_keeper(
                 config.auth.timeout,
                 metrics.clone(),
             );
+            let renewer = match shared {
+                Some(state) => renewer.with_shared(state.clone()),
+                None => renewer,
+            };
             Ok((holder, Some(Arc::new(renewer))))
         }
     }

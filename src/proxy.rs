@@ -35,6 +35,8 @@ use crate::upstream::{classify, Connector, UpstreamClient};
 mod retry;
 mod setup;
 
+pub(crate) use setup::shared_state;
+
 /// The body of every response the proxy sends: the upstream's, streamed, or the proxy's own JSON error.
 pub type ResponseBody = Either<Incoming, Full<Bytes>>;
 
@@ -55,6 +57,8 @@ pub struct Proxy {
     renewer: Option<Arc<Renewer>>,
     /// The account's budget (`pacing.*`); `None` when `pacing.limit = 0`.
     pacer: Option<Arc<Pacer>>,
+    /// The state shared with other replicas (`shared.*`), kept here so a reload can swap its Redis client.
+    shared: Option<Arc<crate::shared::state::SharedState>>,
     /// `auth.timeout`: how long a body may take to come back from a refused exchange (401 or 429) to be sent
     /// again.
     body_return_timeout: Duration,

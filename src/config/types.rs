@@ -235,6 +235,19 @@ pub struct SharedConfig {
     pub scope: String,
 }
 
+impl SharedConfig {
+    /// Whether going from `self` to `other` needs a new Redis client: another address, password, CA, key, or
+    /// key names. (`shared.replicas` shapes the pacer, which a restart rebuilds.)
+    pub fn differs_for_the_store(&self, other: &SharedConfig) -> bool {
+        self.redis_url.as_str() != other.redis_url.as_str()
+            || self.password.as_ref().map(Secret::expose) != other.password.as_ref().map(Secret::expose)
+            || self.ca_pem != other.ca_pem
+            || !self.key.same_as(&other.key)
+            || self.key_prefix != other.key_prefix
+            || self.scope != other.scope
+    }
+}
+
 impl std::fmt::Debug for SharedConfig {
     /// The CA's content shows as its length; the password and key as `[redacted]`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

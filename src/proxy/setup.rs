@@ -11,13 +11,57 @@ use crate::access::AccessPolicy;
 use crate::auth::client::Credentials;
 use crate::auth::renewer::Renewer;
 use crate::auth::TokenHolder;
-use crate::config::{Auth, Config, ConfigError};
+use crate::config::{Auth, Config, ConfigError, SharedConfig};
 use crate::headers::bearer_value;
 use crate::metrics::Metrics;
-use crate::pacing::Pacer;
+use crate::pacing::gcra::Gcra;
+use crate::pacing::{Pacer, SharedPacing};
 use crate::replay::ReplayBudget;
 use crate::tasks::Tasks;
+use crate::shared::state::{BudgetShape, SharedState};
+use crate::shared::store::{RedisStore, StoreSettings};
 use crate::upstream::{build_client, build_connector};
+
+/// The longest one Redis call may take before the process works alone: far above a Redis round trip in one
+/// cluster (well under a millisecond), and short enough that no request waits long on a dead Redis.
+const SHARED_OP_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The link to the state shared with the other replicas (`shared.*`), or `None` without `shared.redis_url`.
+/// Connects lazily: a Redis that is away at start only means this process starts alone. The caller spawns its
+/// watcher ([`SharedState::watch`]).
+pub(crate) fn shared_state(config: &Config, metrics: &Arc<Metrics>) -> Result<Option<Arc<SharedState>>, ConfigError> {
+    let Some(shared) = &config.shared else {
+        return Ok(None);
+    };
+    // The shared budget is the account's whole limit, shaped as the local limiter shapes it.
+    let budget = config.pacing.map(|p| {
+        let gcra = Gcra::new(p.limit, p.period);
+        BudgetShape {
+            interval: gcra.slot(),
+            tolerance: gcra.tolerance(),
+            period: p.period,
+        }
+    });
+    Ok(Some(SharedState::new(redis_store(shared)?, budget, metrics.clone())))
+}
+
+/// The Redis client `shared` describes.
+fn redis_store(shared: &SharedConfig) -> Result<RedisStore, ConfigError> {
+    RedisStore::new(StoreSettings {
+        url: shared.redis_url.as_str().to_owned(),
+        password: shared.password.clone(),
+        ca_pem: shared.ca_pem.as_deref().cloned(),
+        key: shared.key.clone(),
+        prefix: shared.key_prefix.clone(),
+        scope: shared.scope.clone(),
+        op_timeout: SHARED_OP_TIMEOUT,
+    })
+    .map_err(|e| ConfigError::Invalid {
+        key: "shared.redis_url".into(),
+        problem: e.to_string(),
+        fix: "give redis://HOST:PORT/DB or rediss://HOST:PORT/DB (with shared.ca_file for a private CA)".into(),
+    })
+}
 
 /// Bytes all requests together may keep for replays: four full replay buffers, at least 64 MiB.
 fn replay_budget(per_request: u64) -> u64 {
@@ -33,11 +77,18 @@ impl Proxy {
         tls: rustls::ClientConfig,
         holder: Arc<TokenHolder>,
         renewer: Option<Arc<Renewer>>,
+        shared: Option<Arc<SharedState>>,
         metrics: Arc<Metrics>,
         tasks: Tasks,
     ) -> Self {
         let connector = build_connector(&config.upstream, tls);
-        let pacer = config.pacing.map(Pacer::start);
+        let pacer = config.pacing.map(|settings| {
+            let shared_pacing = shared.as_ref().zip(config.shared.as_ref()).map(|(state, cfg)| SharedPacing {
+                budget: state.clone(),
+                replicas: cfg.replicas,
+            });
+            Pacer::start(settings, shared_pacing)
+        });
         if let Some(pacer) = &pacer {
             metrics.watch_pacer(pacer);
         }
@@ -49,6 +100,7 @@ impl Proxy {
             holder,
             renewer,
             pacer,
+            shared,
             body_return_timeout: config.auth.timeout,
             replay_limit: config.auth.replay_buffer,
             replay_budget: Arc::new(ReplayBudget::new(replay_budget(config.auth.replay_buffer))),
@@ -59,7 +111,8 @@ impl Proxy {
     }
 
     /// Applies what can change live from `running` to `next`: the access policy (swapped whole), the static
-    /// API token, and the login credentials (a fresh login follows). A change of `auth.mode` needs a restart
+    /// API token, the login credentials (a fresh login follows), and the Redis client (a new password, key,
+    /// address or CA: a new client swapped in). A change of `auth.mode` needs a restart
     /// and changes nothing here. A new static token that cannot be a header value rejects the reload before
     /// anything changes.
     pub(crate) async fn reload(&self, running: &Config, next: &Config) -> Result<(), ConfigError> {
@@ -69,7 +122,15 @@ impl Proxy {
             }
             _ => None,
         };
+        let new_store = match (&self.shared, &running.shared, &next.shared) {
+            (Some(_), Some(old), Some(new)) if old.differs_for_the_store(new) => Some(redis_store(new)?),
+            _ => None,
+        };
         self.access.store(Arc::new(AccessPolicy::new(&next.access)));
+        if let (Some(state), Some(store)) = (&self.shared, new_store) {
+            state.replace_store(store);
+            info!("new shared-state settings (Redis password, key or address) in use");
+        }
         if let Some(header) = static_header {
             self.holder.store(header, None);
             info!("new static API token in use");

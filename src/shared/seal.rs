@@ -26,6 +26,8 @@ pub enum KeyError {
 pub struct SealKey {
     key: LessSafeKey,
     rng: SystemRandom,
+    /// A SHA-256 of the key, so a reload can tell a changed key from the same one without keeping the bytes.
+    fingerprint: [u8; 32],
 }
 
 impl std::fmt::Debug for SealKey {
@@ -60,10 +62,19 @@ impl SealKey {
         }
         let unbound =
             UnboundKey::new(&AES_256_GCM, &bytes).map_err(|_| KeyError::Malformed { found: 64, detail: "" })?;
+        let fingerprint = ring::digest::digest(&ring::digest::SHA256, &bytes);
+        let mut print = [0u8; 32];
+        print.copy_from_slice(fingerprint.as_ref());
         Ok(Self {
             key: LessSafeKey::new(unbound),
             rng: SystemRandom::new(),
+            fingerprint: print,
         })
+    }
+
+    /// Whether `other` is the same key (a reload that kept it needs no new Redis client).
+    pub fn same_as(&self, other: &SealKey) -> bool {
+        self.fingerprint == other.fingerprint
     }
 
     /// Seals `plain` for storage under `name`. `None` only if the system's random source fails.
