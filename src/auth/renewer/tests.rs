@@ -4,6 +4,8 @@
 
 mod fake;
 mod schedule;
+mod shared;
+mod store;
 
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -33,13 +35,24 @@ impl Rig {
     /// A renewer with `auth.refresh_margin` = `margin` and `auth.timeout` = `timeout`, whose wall clock starts at
     /// a fixed date and follows tokio's clock.
     fn new(margin: Duration, timeout: Duration) -> Self {
+        Self::process(margin, timeout, "", None)
+    }
+
+    /// One process of an account: its ZapSign client's access tokens carry `name`, and with `shared` it shares
+    /// its token through that store. Every process's wall clock says the same (they start at the same instant).
+    fn process(
+        margin: Duration,
+        timeout: Duration,
+        name: &'static str,
+        shared: Option<Arc<dyn crate::sharing::SharedTokens>>,
+    ) -> Self {
         let wall = FollowsTokio::starting_at(UNIX_EPOCH + Duration::from_secs(1_700_000_000));
         let (holder, zapsign, metrics) = (
             Arc::new(TokenHolder::new()),
-            Arc::new(Fake::new(wall)),
+            Arc::new(Fake::named(wall, name)),
             Arc::new(Metrics::new()),
         );
-        let renewer = Renewer::new(
+        let mut renewer = Renewer::new(
             holder.clone(),
             zapsign.clone(),
             credentials("u"),
@@ -48,6 +61,9 @@ impl Rig {
             metrics.clone(),
         )
         .with_wall_clock(wall);
+        if let Some(shared) = shared {
+            renewer = renewer.with_shared(shared);
+        }
         Self {
             renewer: Arc::new(renewer),
             zapsign,

@@ -65,16 +65,20 @@ pub(super) struct Fake {
     calls: Mutex<Vec<Call>>,
     start: Instant,
     wall: FollowsTokio,
+    /// Goes into the access tokens it issues, so tests with several processes tell whose token is in use.
+    name: &'static str,
 }
 
 impl Fake {
-    /// A fake whose clock starts now; `wall` is the wall clock its `exp` claims count from.
-    pub(super) fn new(wall: FollowsTokio) -> Self {
+    /// A fake whose clock starts now; `wall` is the wall clock its `exp` claims count from. Its access tokens
+    /// carry `name` (one ZapSign client per process in the sharing tests).
+    pub(super) fn named(wall: FollowsTokio, name: &'static str) -> Self {
         Self {
             script: Mutex::default(),
             calls: Mutex::default(),
             start: Instant::now(),
             wall,
+            name,
         }
     }
 
@@ -137,7 +141,7 @@ impl Fake {
         let next = self.script.lock().unwrap().pop_front();
         let answer = |next: Option<Next>| match next {
             Some(Next::Issue { access, refresh }) => Ok(Some(Issued {
-                access: self.jwt(access, &format!("access-{serial}")),
+                access: self.jwt(access, &format!("{}access-{serial}", self.name)),
                 refresh: (kind == "login").then(|| self.jwt(refresh, &format!("call-{serial}"))),
             })),
             Some(Next::Fail(e)) => Err(e),

@@ -3,7 +3,7 @@
 
 use super::*;
 
-fn secs(s: u64) -> Duration {
+pub(super) fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }
 
@@ -19,7 +19,7 @@ fn assert_times(times: &[Duration], expected: &[u64]) {
 }
 
 /// Waits (on paused time, so at no real cost) until `done`, for at most an hour.
-async fn until(what: &str, mut done: impl FnMut() -> bool) {
+pub(super) async fn until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + secs(3600);
     while !done() {
         assert!(Instant::now() < deadline, "{what}: not within an hour");
@@ -28,7 +28,7 @@ async fn until(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 /// Stops the refresher and checks it ended cleanly (a panic in it, such as an unscripted call, fails the test).
-async fn stop(stop: Shutdown, refresher: JoinHandle<()>) {
+pub(super) async fn stop(stop: Shutdown, refresher: JoinHandle<()>) {
     stop.start();
     refresher.await.expect("the refresher panicked");
 }
