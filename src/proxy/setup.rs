@@ -37,7 +37,7 @@ impl Proxy {
         tasks: Tasks,
     ) -> Self {
         let connector = build_connector(&config.upstream, tls);
-        let pacer = config.pacing.map(Pacer::start);
+        let pacer = config.pacing.map(|settings| Pacer::start(settings, None));
         if let Some(pacer) = &pacer {
             metrics.watch_pacer(pacer);
         }
