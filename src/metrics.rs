@@ -525,12 +525,15 @@ mod tests {
         assert!(text.contains("zapsign_proxy_rate_limited_total{by=\"upstream\"} 2"));
         // No pacer: no queue depth.
         assert!(!text.contains("zapsign_proxy_pacing_queue_depth"));
-        let pacer = Pacer::start(crate::pacing::Settings {
-            limit: 5,
-            period: Duration::from_secs(60),
-            max_wait: Duration::from_secs(1),
-            queue_limit: 10,
-        });
+        let pacer = Pacer::start(
+            crate::pacing::Settings {
+                limit: 5,
+                period: Duration::from_secs(60),
+                max_wait: Duration::from_secs(1),
+                queue_limit: 10,
+            },
+            None,
+        );
         m.watch_pacer(&pacer);
         assert!(m
             .render(TokenExpiry::NoToken)

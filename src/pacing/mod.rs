@@ -10,19 +10,56 @@
 //! - A wait is bounded by `pacing.max_wait` and the queue by `pacing.queue_limit`; either refusal carries the
 //!   seconds until a slot is expected. A waiter that goes away (its future dropped) leaves the queue at once.
 //! - All time is tokio's, so the rules are tested with paused time.
+//!
+//! # One budget for every replica ([`SharedPacing`])
+//!
+//! Several processes serving one account must spend *one* budget, or N replicas send N times the limit. With a
+//! [`SharedBudget`] (the Redis store, through [`crate::sharing`]) every slot is taken from it instead of from the
+//! local [`gcra::Gcra`]; the fair queue, `max_wait`, `queue_limit` and the leaving of dropped waiters stay local,
+//! since they are about this process's callers. What the shared path costs: one round trip to the store and one
+//! boxed future (the trait object's) per request that finds the queue empty, and one of each per slot the
+//! dispatcher grants; a request that arrives while others wait makes no round trip of its own, and neither does
+//! the dispatcher while the store's last answer says the budget is spent.
+//!
+//! The store may die at any time and must never stop requests: while [`SharedBudget::is_up`] is false (or a call
+//! fails) the process paces alone with the local limiter at `limit / replicas`, and goes back to the shared
+//! budget as soon as the store is up again (the dispatcher looks at least once a second, so queued requests
+//! switch too). A switch to the local limiter starts it with its budget spent (the store's own switch back does
+//! the same on its side), so a switch never adds a burst. An upstream 429 pauses this process at once and, in
+//! shared mode, every other one through the store.
 
 pub mod gcra;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
+use tracing::{info, warn};
 
 use self::gcra::Gcra;
+use crate::sharing::{SharedBudget, SharedDown};
+
+/// The longest the dispatcher sleeps while a shared budget is configured: it looks this often whether the store
+/// went away or came back, so requests already queued switch limiter too.
+const MODE_CHECK: Duration = Duration::from_secs(1);
+
+/// The shortest wait the dispatcher takes from the store: a store answering "wait 0" is asked again after this,
+/// not in a loop of round trips.
+const MIN_SHARED_WAIT: Duration = Duration::from_millis(1);
+
+/// The budget every process of the account spends together, and how many processes share it.
+#[derive(Debug, Clone)]
+pub struct SharedPacing {
+    /// The shared store's budget (`pacing.limit` per `pacing.period` for all processes together).
+    pub budget: Arc<dyn SharedBudget>,
+    /// Processes sharing the account (`shared.replicas`): while the store is unreachable each paces itself at
+    /// `limit / replicas` (at least 1), so together they still keep to the limit.
+    pub replicas: u32,
+}
 
 /// Who a waiting request belongs to, for fairness: the client key's id when callers present keys, else the
 /// caller's address.
@@ -177,23 +214,56 @@ pub struct Pacer {
     /// Nothing is granted before this (nanoseconds since `origin`): an upstream 429's pause.
     paused_until: AtomicU64,
     next_id: AtomicU64,
-    /// Wakes the dispatcher: a new waiter, a pause, or the pacer going away.
+    /// Wakes the dispatcher: a new waiter, a pause, a switch of limiter, or the pacer going away.
     work: Arc<Notify>,
+    /// The budget shared with the other processes of the account, when there are any.
+    shared: Option<SharedPacing>,
+    /// Whether slots come from `shared` now (false: from `gcra`). Always false without `shared`.
+    in_shared: AtomicBool,
+    /// The store's last "none until" answer (nanoseconds since `origin`): before it, nobody asks the store again
+    /// (a GCRA's next free slot only moves later, and a pause only grows), which saves the round trips.
+    shared_free_at: AtomicU64,
+    /// One slot of the whole account's budget (`period / limit`), the spacing the shared budget grants at.
+    shared_slot: Duration,
+}
+
+/// What the dispatcher does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Nobody waits: sleep until new work.
+    Idle,
+    /// Look again at this time (or on new work).
+    At(Instant),
+    /// Look again at once (the limiter in use changed).
+    Now,
 }
 
 impl Pacer {
     /// A pacer for `settings` (limit > 0) and its dispatcher task, which ends when the pacer is dropped.
     /// Must be called inside a tokio runtime.
-    pub fn start(settings: Settings) -> Arc<Self> {
+    ///
+    /// With `shared`, slots come from the shared budget while it is up, and the local limiter (the fallback)
+    /// gets `limit / replicas` (at least 1). The pacer starts with the limiter the store's state calls for and
+    /// does not spend the local budget at start: a process that starts alone has sent nothing yet.
+    pub fn start(settings: Settings, shared: Option<SharedPacing>) -> Arc<Self> {
+        let local_limit = match &shared {
+            Some(s) => (settings.limit / s.replicas.max(1)).max(1),
+            None => settings.limit,
+        };
+        let in_shared = shared.as_ref().is_some_and(|s| s.budget.is_up());
         let pacer = Arc::new(Self {
             settings,
             origin: Instant::now(),
-            gcra: Gcra::new(settings.limit, settings.period),
+            gcra: Gcra::new(local_limit, settings.period),
             queue: Mutex::new(FairQueue::default()),
             waiting: AtomicUsize::new(0),
             paused_until: AtomicU64::new(0),
             next_id: AtomicU64::new(0),
             work: Arc::new(Notify::new()),
+            in_shared: AtomicBool::new(in_shared),
+            shared,
+            shared_free_at: AtomicU64::new(0),
+            shared_slot: Gcra::new(settings.limit, settings.period).slot(),
         });
         tokio::spawn(dispatch(Arc::downgrade(&pacer), pacer.work.clone()));
         pacer
@@ -204,9 +274,19 @@ impl Pacer {
         &self.settings
     }
 
-    /// One slot: the steady spacing of requests once the burst is spent.
+    /// One slot: the steady spacing of requests once the burst is spent, for the limiter in use (the whole
+    /// account's when shared, this process's share when pacing alone).
     pub fn slot(&self) -> Duration {
-        self.gcra.slot()
+        if self.in_shared() {
+            self.shared_slot
+        } else {
+            self.gcra.slot()
+        }
+    }
+
+    /// Whether slots come from the shared budget now; `None` without one. For logs and tests.
+    pub fn shared_in_use(&self) -> Option<bool> {
+        self.shared.as_ref().map(|_| self.in_shared())
     }
 
     /// Requests waiting now (`zapsign_proxy_pacing_queue_depth`).
@@ -218,14 +298,33 @@ impl Pacer {
     /// wait. Dropping the future leaves the queue.
     pub async fn acquire(&self, caller: &CallerId) -> Result<Granted, Refused> {
         let now = self.now_ns();
-        if self.waiting.load(Ordering::Acquire) == 0
-            && now >= self.paused_until.load(Ordering::Acquire)
-            && self.gcra.try_acquire(now).is_ok()
-        {
+        let free = self.waiting.load(Ordering::Acquire) == 0 && now >= self.paused_until.load(Ordering::Acquire);
+        if let Some(budget) = self.shared_now() {
+            if free && now >= self.shared_free_at.load(Ordering::Acquire) && self.acquire_shared(budget).await {
+                return Ok(Granted { waited: Duration::ZERO });
+            }
+        } else if free && self.gcra.try_acquire(now).is_ok() {
             return Ok(Granted { waited: Duration::ZERO });
         }
         // Boxed: the waiting path is rare and its future large; the common path's future stays small.
         Box::pin(self.wait(caller.clone())).await
+    }
+
+    /// The shared fast path: one slot from the store, or false to join the queue. A failed store switches this
+    /// process to its local limiter, which then decides.
+    async fn acquire_shared(&self, budget: &dyn SharedBudget) -> bool {
+        match budget.acquire().await {
+            // A pause that began during the round trip wins: the slot is wasted (safe), nothing is sent.
+            Ok(None) => self.now_ns() >= self.paused_until.load(Ordering::Acquire),
+            Ok(Some(wait)) => {
+                self.note_shared_wait(wait);
+                false
+            }
+            Err(SharedDown) => {
+                self.to_local();
+                self.waiting.load(Ordering::Acquire) == 0 && self.gcra.try_acquire(self.now_ns()).is_ok()
+            }
+        }
     }
 
     async fn wait(&self, caller: CallerId) -> Result<Granted, Refused> {
@@ -272,6 +371,16 @@ impl Pacer {
         let until = self.now_ns().saturating_add(nanos(pause));
         self.paused_until.fetch_max(until, Ordering::AcqRel);
         self.work.notify_one();
+        // The other processes learn it through the store. Spawned so the caller does not wait for a round trip;
+        // a failure is ignored, since this process's own pause already holds.
+        if let (Some(shared), true) = (&self.shared, self.in_shared()) {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let budget = shared.budget.clone();
+                rt.spawn(async move {
+                    let _ = budget.pause(pause).await;
+                });
+            }
+        }
     }
 
     /// When the current pause (if any) ends.
@@ -285,15 +394,71 @@ impl Pacer {
         self.gcra.spend_all(self.now_ns(), self.settings.period);
     }
 
-    /// How long a request that joins `depth` waiting ones can expect to wait (at least the pause).
+    /// How long a request that joins `depth` waiting ones can expect to wait (at least the pause). In shared
+    /// mode an estimate: the store's last answer, and other processes may take slots meanwhile.
     fn expected_wait(&self, depth: usize) -> Duration {
         let now = self.now_ns();
-        let free = self.gcra.next_free(now).max(self.paused_until.load(Ordering::Acquire));
-        let slots = self
-            .gcra
-            .slot()
-            .saturating_mul(u32::try_from(depth).unwrap_or(u32::MAX));
+        let free = if self.in_shared() {
+            self.shared_free_at.load(Ordering::Acquire).max(now)
+        } else {
+            self.gcra.next_free(now)
+        };
+        let free = free.max(self.paused_until.load(Ordering::Acquire));
+        let slots = self.slot().saturating_mul(u32::try_from(depth).unwrap_or(u32::MAX));
         Duration::from_nanos(free - now) + slots
+    }
+
+    fn in_shared(&self) -> bool {
+        self.in_shared.load(Ordering::Acquire)
+    }
+
+    /// The shared budget when slots should come from it now, switching limiter when the store's state changed
+    /// since the last look (one atomic load each, of the store's state and of ours).
+    fn shared_now(&self) -> Option<&dyn SharedBudget> {
+        let shared = self.shared.as_ref()?;
+        if shared.budget.is_up() {
+            if !self.in_shared() {
+                self.to_shared();
+            }
+            Some(&*shared.budget)
+        } else {
+            if self.in_shared() {
+                self.to_local();
+            }
+            None
+        }
+    }
+
+    /// The store failed: pace alone, starting with the local budget spent (a switch never adds a burst). The
+    /// budget is spent before the switch shows, so no request sees the local limiter still full.
+    fn to_local(&self) {
+        if !self.in_shared() {
+            return;
+        }
+        self.gcra.spend_all(self.now_ns(), self.settings.period);
+        if self.in_shared.swap(false, Ordering::AcqRel) {
+            warn!(
+                limit = (self.settings.limit / self.shared.as_ref().map_or(1, |s| s.replicas.max(1))).max(1),
+                period = ?self.settings.period,
+                "the shared pacing budget is unreachable; pacing this process alone at its share of the limit"
+            );
+            self.work.notify_one();
+        }
+    }
+
+    /// The store is back: take slots from it again (it marked its budget spent before saying so).
+    fn to_shared(&self) {
+        self.shared_free_at.store(0, Ordering::Release);
+        if !self.in_shared.swap(true, Ordering::AcqRel) {
+            info!("the shared pacing budget is back; pacing with the other processes of the account again");
+            self.work.notify_one();
+        }
+    }
+
+    /// Remembers the store's "none for `wait`", so nobody asks it again before then.
+    fn note_shared_wait(&self, wait: Duration) {
+        let at = self.now_ns().saturating_add(nanos(wait.max(MIN_SHARED_WAIT)));
+        self.shared_free_at.fetch_max(at, Ordering::AcqRel);
     }
 
     fn now_ns(&self) -> u64 {
@@ -324,6 +489,61 @@ impl Pacer {
             }
         }
     }
+
+    /// The dispatcher's turn in shared mode: asks the store for a slot while a live waiter needs one, never
+    /// holding the queue's lock across the round trip, and hands each slot to the next live waiter in turn.
+    async fn grant_shared(&self, budget: &dyn SharedBudget) -> Next {
+        loop {
+            if !budget.is_up() {
+                self.to_local();
+                return Next::Now;
+            }
+            let now = self.now_ns();
+            let not_before = self
+                .paused_until
+                .load(Ordering::Acquire)
+                .max(self.shared_free_at.load(Ordering::Acquire));
+            if now < not_before {
+                return Next::At(self.origin + Duration::from_nanos(not_before));
+            }
+            if !self.any_live_waiter() {
+                return Next::Idle;
+            }
+            match budget.acquire().await {
+                // A pause that began during the round trip: the slot is wasted (safe); the loop sleeps it out.
+                Ok(None) if self.now_ns() < self.paused_until.load(Ordering::Acquire) => {}
+                Ok(None) => self.grant_next(),
+                Ok(Some(wait)) => self.note_shared_wait(wait),
+                Err(SharedDown) => {
+                    self.to_local();
+                    return Next::Now;
+                }
+            }
+        }
+    }
+
+    /// Whether a waiter that has not gone away is queued (dropping the gone ones on the way).
+    fn any_live_waiter(&self) -> bool {
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        queue.drop_gone_front();
+        self.waiting.store(queue.len, Ordering::Release);
+        queue.len > 0
+    }
+
+    /// Hands a slot to the next live waiter in turn. When every waiter went away during the round trip, the slot
+    /// is wasted: safe, merely unused.
+    fn grant_next(&self) {
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            queue.drop_gone_front();
+            let Some(waiter) = queue.pop() else { break };
+            // The receiver may close between the check and the send: try the next one in turn.
+            if waiter.grant.send(()).is_ok() {
+                break;
+            }
+        }
+        self.waiting.store(queue.len, Ordering::Release);
+    }
 }
 
 impl Drop for Pacer {
@@ -351,25 +571,37 @@ impl Drop for Leave<'_> {
     }
 }
 
-/// The dispatcher: grants slots as the budget frees them, sleeps until the next one or new work.
+/// The dispatcher: grants slots as the budget frees them, sleeps until the next one or new work. It holds the
+/// pacer only while it grants (across a round trip to the store at most), never while it sleeps.
 async fn dispatch(pacer: Weak<Pacer>, work: Arc<Notify>) {
     loop {
         let notified = work.notified();
         tokio::pin!(notified);
         // Registered before looking at the queue, so a waiter that arrives meanwhile is not missed.
         notified.as_mut().enable();
-        let next = match pacer.upgrade() {
-            Some(p) => p.grant_due(),
-            None => return,
+        let (next, shared) = {
+            let Some(p) = pacer.upgrade() else { return };
+            let next = match p.shared_now() {
+                Some(budget) => p.grant_shared(budget).await,
+                None => p.grant_due().map_or(Next::Idle, Next::At),
+            };
+            (next, p.shared.is_some())
         };
         match next {
-            Some(at) => {
+            Next::Now => {}
+            Next::At(at) => {
+                // With a store, look at its state at least every MODE_CHECK, so queued requests switch too.
+                let at = if shared {
+                    at.min(Instant::now() + MODE_CHECK)
+                } else {
+                    at
+                };
                 tokio::select! {
                     _ = tokio::time::sleep_until(at) => {}
                     _ = &mut notified => {}
                 }
             }
-            None => notified.await,
+            Next::Idle => notified.await,
         }
     }
 }

@@ -6,6 +6,8 @@ use std::sync::Mutex as StdMutex;
 use super::gcra::burst_for;
 use super::*;
 
+mod shared;
+
 fn settings(limit: u32, period_ms: u64) -> Settings {
     Settings {
         limit,
@@ -62,7 +64,7 @@ fn max_in_any_window(mut times: Vec<Duration>, period: Duration) -> usize {
 
 #[tokio::test(start_paused = true)]
 async fn a_burst_of_three_limits_is_granted_within_the_limit_in_every_window() {
-    let pacer = Pacer::start(settings(20, 1000));
+    let pacer = Pacer::start(settings(20, 1000), None);
     let log: Log = Default::default();
     let start = Instant::now();
     let mut tasks = spawn_requests(&pacer, 1, 30, &log, start);
@@ -78,7 +80,7 @@ async fn a_burst_of_three_limits_is_granted_within_the_limit_in_every_window() {
 
 #[tokio::test(start_paused = true)]
 async fn another_caller_is_served_within_two_slots_while_one_floods() {
-    let pacer = Pacer::start(settings(100, 10_000));
+    let pacer = Pacer::start(settings(100, 10_000), None);
     let slot = pacer.slot();
     let log: Log = Default::default();
     let start = Instant::now();
@@ -103,7 +105,7 @@ async fn another_caller_is_served_within_two_slots_while_one_floods() {
 
 #[tokio::test(start_paused = true)]
 async fn requests_of_one_caller_keep_their_order() {
-    let pacer = Pacer::start(settings(10, 1000));
+    let pacer = Pacer::start(settings(10, 1000), None);
     let log: Log = Default::default();
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -123,10 +125,13 @@ async fn requests_of_one_caller_keep_their_order() {
 
 #[tokio::test(start_paused = true)]
 async fn a_wait_longer_than_max_wait_is_refused_with_retry_after() {
-    let pacer = Pacer::start(Settings {
-        max_wait: Duration::from_millis(250),
-        ..settings(4, 4000)
-    });
+    let pacer = Pacer::start(
+        Settings {
+            max_wait: Duration::from_millis(250),
+            ..settings(4, 4000)
+        },
+        None,
+    );
     for _ in 0..burst_for(4) {
         pacer.acquire(&ip(1)).await.unwrap();
     }
@@ -140,10 +145,13 @@ async fn a_wait_longer_than_max_wait_is_refused_with_retry_after() {
 
 #[tokio::test(start_paused = true)]
 async fn a_full_queue_refuses_at_once() {
-    let pacer = Pacer::start(Settings {
-        queue_limit: 3,
-        ..settings(1, 60_000)
-    });
+    let pacer = Pacer::start(
+        Settings {
+            queue_limit: 3,
+            ..settings(1, 60_000)
+        },
+        None,
+    );
     pacer.acquire(&ip(1)).await.unwrap();
     let waiting: Vec<_> = (0..3)
         .map(|_| {
@@ -169,7 +177,7 @@ async fn a_full_queue_refuses_at_once() {
 
 #[tokio::test(start_paused = true)]
 async fn a_caller_that_goes_away_frees_its_place_and_gets_no_slot() {
-    let pacer = Pacer::start(settings(1, 1000));
+    let pacer = Pacer::start(settings(1, 1000), None);
     pacer.acquire(&ip(1)).await.unwrap();
     let gone = {
         let p = pacer.clone();
@@ -188,7 +196,7 @@ async fn a_caller_that_goes_away_frees_its_place_and_gets_no_slot() {
 
 #[tokio::test(start_paused = true)]
 async fn nothing_is_granted_during_an_upstream_429_pause() {
-    let pacer = Pacer::start(settings(100, 1000));
+    let pacer = Pacer::start(settings(100, 1000), None);
     pacer.pause_after_upstream_429(Some(Duration::from_secs(2)));
     let start = Instant::now();
     let log: Log = Default::default();
@@ -203,7 +211,7 @@ async fn nothing_is_granted_during_an_upstream_429_pause() {
 
 #[tokio::test(start_paused = true)]
 async fn spend_all_adds_no_burst() {
-    let pacer = Pacer::start(settings(10, 1000));
+    let pacer = Pacer::start(settings(10, 1000), None);
     pacer.spend_all();
     let start = Instant::now();
     pacer.acquire(&ip(1)).await.unwrap();
