@@ -175,7 +175,11 @@ impl AffinePool {
         if ready && !self.list(&slot) {
             return;
         }
-        self.tasks.spawn(keep(self.clone(), slot, ready));
+        let closer = Closer {
+            pool: self.clone(),
+            slot,
+        };
+        self.tasks.spawn(keep(closer, ready));
     }
 
     /// Puts `slot` on the idle list; false when the list is full. Takes the list's lock only: a keeper calls
@@ -195,14 +199,12 @@ impl AffinePool {
     }
 }
 
-/// Drives the idle connection in `slot` until a caller takes it, the upstream closes it, or `idle_timeout`
-/// passes (then dropping it closes it); lists it once it is ready for a request unless `listed` already.
-async fn keep(pool: Arc<AffinePool>, slot: Arc<IdleSlot>, mut listed: bool) {
-    // Whatever ends this task (its own decision, or `run` closing every task), the connection closes with it.
-    let _closer = Closer {
-        pool: &pool,
-        slot: &slot,
-    };
+/// Drives the idle connection in `closer`'s slot until a caller takes it, the upstream closes it, or
+/// `idle_timeout` passes (then dropping it closes it); lists it once it is ready for a request unless `listed`
+/// already. `closer` is an argument, so it runs even when the task is dropped before it first runs (`run`
+/// closing every task): no connection is left open in the list.
+async fn keep(closer: Closer, mut listed: bool) {
+    let Closer { pool, slot } = &closer;
     let expiry = tokio::time::sleep(pool.idle_timeout);
     tokio::pin!(expiry);
     std::future::poll_fn(|cx| {
@@ -216,7 +218,7 @@ async fn keep(pool: Arc<AffinePool>, slot: Arc<IdleSlot>, mut listed: bool) {
             return Poll::Ready(());
         }
         if !listed && conn.sender.is_ready() {
-            if !pool.list(&slot) {
+            if !pool.list(slot) {
                 return Poll::Ready(());
             }
             listed = true;
@@ -229,17 +231,18 @@ async fn keep(pool: Arc<AffinePool>, slot: Arc<IdleSlot>, mut listed: bool) {
     .await;
 }
 
-/// Closes a keeper's connection (if no caller took it) and takes its slot off the idle list.
-struct Closer<'a> {
-    pool: &'a AffinePool,
-    slot: &'a Arc<IdleSlot>,
+/// Whatever ends a keeper (its own decision, or `run` closing every task), closes its connection (if no caller
+/// took it) and takes its slot off the idle list.
+struct Closer {
+    pool: Arc<AffinePool>,
+    slot: Arc<IdleSlot>,
 }
 
-impl Drop for Closer<'_> {
+impl Drop for Closer {
     fn drop(&mut self) {
         let conn = self.slot.lock().conn.take();
         drop(conn);
-        self.pool.forget(self.slot);
+        self.pool.forget(&self.slot);
     }
 }
 
