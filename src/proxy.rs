@@ -17,7 +17,7 @@ use tracing::{info, info_span, warn, Instrument};
 use arc_swap::ArcSwap;
 
 use crate::access::AccessPolicy;
-use crate::affinity::{Affinity, Miss};
+use crate::affinity::{AffinePool, Affinity, Miss};
 use crate::auth::holder::TokenUnavailable;
 use crate::auth::renewer::{Renewer, Trigger};
 use crate::auth::{Token, TokenHolder};
@@ -48,9 +48,10 @@ pub struct Proxy {
     response_timeout: Duration,
     /// The pooled upstream client.
     client: UpstreamClient<ForwardBody>,
-    /// Opens affine upstream connections; knows whether the upstream negotiated HTTP/2 (then affinity is
-    /// pointless: the pool multiplexes).
+    /// Knows whether the upstream negotiated HTTP/2 (then affinity is pointless: the pool multiplexes).
     connector: Connector,
+    /// Upstream HTTP/1.1 connections lent to caller connections, and the idle ones kept warm between callers.
+    affine: Arc<AffinePool>,
     /// The current token.
     holder: Arc<TokenHolder>,
     /// JWT mode: renews tokens; `None` in static mode, where a 401 passes through.
@@ -333,7 +334,7 @@ impl Proxy {
     ) -> Result<Response<Incoming>, ProxyError> {
         let mut req = match affinity {
             Some(affinity) if !self.connector.negotiated_h2() => {
-                match affinity.send(&self.connector, &self.upstream.host_header, req).await {
+                match affinity.send(&self.affine, &self.upstream.host_header, req).await {
                     Ok(resp) => return Ok(resp),
                     Err(Miss::Unsent(req)) => *req,
                     Err(Miss::Failed(e)) if caller_body_failed(&e) => return Err(CALLER_BODY_FAILED),

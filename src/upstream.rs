@@ -76,8 +76,10 @@ impl Service<Uri> for Connector {
 }
 
 /// Builds the pooled client on `connector`; its connections and pool timer are spawned on `executor`
-/// ([`crate::tasks::Tasks`] in `run`, so they end before `run` returns).
-pub fn build_client<B, E>(connector: Connector, executor: E) -> UpstreamClient<B>
+/// ([`crate::tasks::Tasks`] in `run`, so they end before `run` returns). Its idle connections follow the same
+/// two keys as the affine pool (`affinity::AffinePool`): at most `upstream.max_idle_connections`, each
+/// closed after `upstream.idle_timeout`.
+pub fn build_client<B, E>(connector: Connector, cfg: &UpstreamConfig, executor: E) -> UpstreamClient<B>
 where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
@@ -94,7 +96,8 @@ where
         .set_host(true)
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_idle_timeout(cfg.idle_timeout)
+        .pool_max_idle_per_host(cfg.max_idle_connections)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .build(connector)
 }

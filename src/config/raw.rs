@@ -57,6 +57,8 @@ pub(super) struct RawUpstream {
     pub(super) url: Option<String>,
     pub(super) connect_timeout: Option<String>,
     pub(super) response_timeout: Option<String>,
+    pub(super) idle_timeout: Option<String>,
+    pub(super) max_idle_connections: Option<usize>,
     pub(super) ca_file: Option<PathBuf>,
 }
 

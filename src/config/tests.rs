@@ -38,6 +38,8 @@ fn defaults_match_the_contract() {
     assert_eq!(c.upstream.url.text, "https://api.zapsign.com.br");
     assert_eq!(c.upstream.connect_timeout, Duration::from_secs(5));
     assert_eq!(c.upstream.response_timeout, Duration::from_secs(120));
+    assert_eq!(c.upstream.idle_timeout, Duration::from_secs(50));
+    assert_eq!(c.upstream.max_idle_connections, 32);
     assert_eq!(c.auth.replay_buffer, 16 << 20);
     assert_eq!(c.auth.timeout, Duration::from_secs(10));
     assert_eq!(c.access.allow_paths, vec!["/api/".to_owned()]);
@@ -144,6 +146,29 @@ fn durations_and_sizes() {
     assert_eq!(c.server.header_read_timeout, Duration::from_millis(500));
     let err = Config::from_toml(&format!("{STATIC}[server]\nshutdown_grace = \"soon\"\n"), &env_of(&[])).unwrap_err();
     assert!(err.to_string().contains("server.shutdown_grace"), "{err}");
+}
+
+#[test]
+fn upstream_pool_keys_parse_render_and_name_themselves() {
+    let text = format!("{STATIC}[upstream]\nidle_timeout = \"1500ms\"\nmax_idle_connections = 0\n");
+    let c = Config::from_toml(&text, &env_of(&[])).unwrap();
+    assert_eq!(c.upstream.idle_timeout, Duration::from_millis(1500));
+    assert_eq!(c.upstream.max_idle_connections, 0);
+    let token = [("ZAPSIGN_API_TOKEN", "t0k3n")];
+    let again = Config::from_toml(&c.to_redacted_toml(), &env_of(&token)).unwrap();
+    assert_eq!(again.upstream.idle_timeout, Duration::from_millis(1500));
+    assert_eq!(again.upstream.max_idle_connections, 0);
+    for bad in [
+        "idle_timeout = \"0s\"",
+        "idle_timeout = \"later\"",
+        "max_idle_connections = -1",
+    ] {
+        let err = Config::from_toml(&format!("{STATIC}[upstream]\n{bad}\n"), &env_of(&[]))
+            .unwrap_err()
+            .to_string();
+        let key = bad.split(' ').next().unwrap();
+        assert!(err.contains(key), "{bad}: {err}");
+    }
 }
 
 #[test]

@@ -91,6 +91,12 @@ pub struct UpstreamConfig {
     /// Time from sending the request until the response headers arrive.
     #[serde(serialize_with = "ser_duration")]
     pub response_timeout: Duration,
+    /// How long an idle pooled upstream connection is kept: below the 60 s after which load balancers commonly
+    /// drop idle connections, so the proxy closes first rather than reusing a connection being torn down.
+    #[serde(serialize_with = "ser_duration")]
+    pub idle_timeout: Duration,
+    /// Idle upstream connections kept warm for reuse (in each of the two pools); more are closed. `0` keeps none.
+    pub max_idle_connections: usize,
     /// Extra PEM roots trusted for the upstream and the auth calls.
     pub ca_file: Option<PathBuf>,
 }

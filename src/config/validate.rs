@@ -302,6 +302,8 @@ fn upstream(raw: RawUpstream, sources: &Sources, p: &mut Problems) -> UpstreamCo
         url,
         connect_timeout: duration(p, "upstream.connect_timeout", raw.connect_timeout, "5s"),
         response_timeout: duration(p, "upstream.response_timeout", raw.response_timeout, "120s"),
+        idle_timeout: duration(p, "upstream.idle_timeout", raw.idle_timeout, "50s"),
+        max_idle_connections: raw.max_idle_connections.unwrap_or(32),
         ca_file: raw.ca_file,
     }
 }

@@ -8,6 +8,7 @@ use tracing::info;
 
 use super::Proxy;
 use crate::access::AccessPolicy;
+use crate::affinity::AffinePool;
 use crate::auth::client::Credentials;
 use crate::auth::renewer::Renewer;
 use crate::auth::TokenHolder;
@@ -95,7 +96,8 @@ impl Proxy {
         Self {
             upstream: config.upstream.url.clone(),
             response_timeout: config.upstream.response_timeout,
-            client: build_client(connector.clone(), tasks.clone()),
+            client: build_client(connector.clone(), &config.upstream, tasks.clone()),
+            affine: Arc::new(AffinePool::new(connector.clone(), &config.upstream, tasks.clone())),
             connector,
             holder,
             renewer,
