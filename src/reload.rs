@@ -105,10 +105,7 @@ fn needs_restart(a: &Config, b: &Config) -> Vec<&'static str> {
     check("auth.replay_buffer", a.auth.replay_buffer != b.auth.replay_buffer);
     check("auth.timeout", a.auth.timeout != b.auth.timeout);
     check("pacing.*", a.pacing != b.pacing);
-    check(
-        "shared.redis_url",
-        a.shared.is_some() != b.shared.is_some(),
-    );
+    check("shared.redis_url", a.shared.is_some() != b.shared.is_some());
     check(
         "shared.replicas",
         a.shared.as_ref().map(|s| s.replicas) != b.shared.as_ref().map(|s| s.replicas),

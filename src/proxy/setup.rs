@@ -18,9 +18,9 @@ use crate::metrics::Metrics;
 use crate::pacing::gcra::Gcra;
 use crate::pacing::{Pacer, SharedPacing};
 use crate::replay::ReplayBudget;
-use crate::tasks::Tasks;
 use crate::shared::state::{BudgetShape, SharedState};
 use crate::shared::store::{RedisStore, StoreSettings};
+use crate::tasks::Tasks;
 use crate::upstream::{build_client, build_connector};
 
 /// The longest one Redis call may take before the process works alone: far above a Redis round trip in one
@@ -84,10 +84,13 @@ impl Proxy {
     ) -> Self {
         let connector = build_connector(&config.upstream, tls);
         let pacer = config.pacing.map(|settings| {
-            let shared_pacing = shared.as_ref().zip(config.shared.as_ref()).map(|(state, cfg)| SharedPacing {
-                budget: state.clone(),
-                replicas: cfg.replicas,
-            });
+            let shared_pacing = shared
+                .as_ref()
+                .zip(config.shared.as_ref())
+                .map(|(state, cfg)| SharedPacing {
+                    budget: state.clone(),
+                    replicas: cfg.replicas,
+                });
             Pacer::start(settings, shared_pacing)
         });
         if let Some(pacer) = &pacer {
