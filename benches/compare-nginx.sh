@@ -182,12 +182,17 @@ import re, sys
 text = open(sys.argv[1]).read()
 pair, name, conns, run, ticks, hz, rss = sys.argv[2:9]
 def ms(v):
-    n, unit = re.match(r"([\d.]+)(us|ms|s|m)", v).groups()
-    return float(n) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+    m = re.match(r"([\d.]+)(us|ms|s|m|h)$", v)
+    if not m:  # wrk's "-nan" and the like: say so, and keep the run
+        print(f"{pair} {name}: unreadable latency {v!r} in:\n{text}", file=sys.stderr)
+        return float("nan")
+    n, unit = m.groups()
+    return float(n) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}[unit]
 reqs = int(re.search(r"(\d+) requests in", text).group(1))
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-p50 = ms(re.search(r"50%\s+(\S+)", text).group(1))
-p99 = ms(re.search(r"99%\s+(\S+)", text).group(1))
+# Anchored: an unanchored "50%" also matches inside wrk's "+/- Stdev" column (e.g. "68.50%").
+p50 = ms(re.search(r"^\s+50%\s+(\S+)", text, re.M).group(1))
+p99 = ms(re.search(r"^\s+99%\s+(\S+)", text, re.M).group(1))
 for what in ("Non-2xx or 3xx responses", "Socket errors"):
     m = re.search(what + r": (.*)", text)
     if m:
