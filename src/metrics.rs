@@ -362,6 +362,14 @@ impl Metrics {
             "Requests answered 429, by who refused them (proxy: pacing; upstream: ZapSign).",
             "by",
             RateLimitedBy::ALL.iter().map(|b| b.as_str()).zip(&self.rate_limited),
+        )?;
+        // Process-wide, like the log writer it reads: see `crate::logging`.
+        writeln!(out, "# HELP zapsign_proxy_log_lines_dropped_total Log lines dropped because the log writer's queue was full (stderr too slow).")?;
+        writeln!(out, "# TYPE zapsign_proxy_log_lines_dropped_total counter")?;
+        writeln!(
+            out,
+            "zapsign_proxy_log_lines_dropped_total {}",
+            crate::logging::dropped_lines()
         )
     }
 }

@@ -12,7 +12,7 @@ use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{warn, Instrument};
 
 use arc_swap::ArcSwap;
 
@@ -25,6 +25,7 @@ use crate::config::BaseUrl;
 use crate::error::UpstreamFailure;
 use crate::error::{error_chain, ProxyError};
 use crate::headers::{ensure_request_id, fit_to_upstream_version, remove_hop_by_hop, unframed_body, X_REQUEST_ID};
+use crate::logging;
 use crate::metrics::{Metrics, RateLimitedBy, UpstreamErrorKind};
 use crate::pacing::{CallerId, Pacer};
 use crate::replay::{ForwardBody, ReplayBudget};
@@ -147,13 +148,7 @@ impl Proxy {
         let start = Instant::now();
         let (mut parts, body) = req.into_parts();
         let request_id = ensure_request_id(&mut parts.headers);
-        // The path only: the query may hold a legacy `api_token`.
-        let span = info_span!(
-            "request",
-            id = request_id.to_str().unwrap_or("-"),
-            method = %parts.method,
-            path = parts.uri.path(),
-        );
+        let span = logging::request_span(&request_id, &parts.method, parts.uri.path());
         let mut ctx = RequestContext {
             affinity: conn.affinity.as_deref(),
             timed: tracing::enabled!(tracing::Level::INFO),
@@ -178,18 +173,17 @@ impl Proxy {
         resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
         let elapsed = start.elapsed();
         self.metrics.request(resp.status().as_u16(), elapsed);
-        span.in_scope(|| {
-            info!(
-                status = resp.status().as_u16(),
-                duration_us = elapsed.as_micros() as u64,
-                upstream_us = ctx.upstream.map(|d| d.as_micros() as u64),
-                client = %peer.ip(),
-                key_id = ctx.key_id.as_deref(),
-                error = refused.as_ref().map(ProxyError::code),
-                reason = refused.as_ref().map(tracing::field::display),
-                "served"
-            )
-        });
+        logging::served(
+            &span,
+            logging::Served {
+                status: resp.status().as_u16(),
+                elapsed,
+                upstream: ctx.upstream,
+                client: peer.ip(),
+                key_id: ctx.key_id.as_deref(),
+                refused: refused.as_ref(),
+            },
+        );
         resp
     }
 
