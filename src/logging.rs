@@ -12,12 +12,11 @@
 
 use std::io::{BufWriter, IsTerminal, Write};
 use std::net::IpAddr;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use http::{HeaderValue, Method};
 use tracing::{Dispatch, Span};
-use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
+use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
@@ -40,15 +39,12 @@ const WRITE_BUFFER: usize = 64 * 1024;
 /// `zapsign_proxy::proxy` keep working.
 const ACCESS_TARGET: &str = "zapsign_proxy::proxy";
 
-/// The drop counter of the installed writer, read by `/metrics`; unset until [`init`] runs.
-static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
-
 /// Installs the global subscriber, writing to stderr off the calling threads. Call once, from `main`, and keep
 /// the guard until the proxy has stopped: dropping it writes out the queued lines (waiting up to a second).
 #[must_use = "dropping the guard stops the log writer: keep it until the process is about to exit"]
 pub fn init(cfg: &LogConfig) -> WorkerGuard {
     let (writer, guard) = non_blocking(std::io::stderr(), BUFFERED_LINES);
-    let _ = DROPPED.set(writer.error_counter());
+    crate::metrics::count_log_drops(writer.error_counter());
     // Colour codes only for a person at a terminal: piped into a file or a log collector they are noise that
     // breaks grep and parsers.
     // A second `init` (never in the binary) keeps the first subscriber: `try_init` refuses to replace it.
@@ -61,7 +57,7 @@ pub fn init(cfg: &LogConfig) -> WorkerGuard {
 
 /// Log lines dropped so far because the writer's queue was full (0 before [`init`]).
 pub fn dropped_lines() -> u64 {
-    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+    crate::metrics::log_lines_dropped()
 }
 
 /// A non-blocking, lossy writer into `out` holding at most `lines` queued lines, and the guard that flushes it.
@@ -175,7 +171,7 @@ mod tests {
             .finish(Stalled(Arc::new(Mutex::new(Some(stalled)))));
         let counter = writer.error_counter();
         assert!(
-            DROPPED.set(writer.error_counter()).is_ok(),
+            crate::metrics::count_log_drops(writer.error_counter()),
             "no other test installs a writer"
         );
         let cfg = LogConfig::defaults(&|_| None);
