@@ -265,15 +265,15 @@ async fn an_upstream_429_whose_pause_outlasts_max_wait_passes_on_unchanged_and_p
 /// nothing is sent for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_still_queued_when_the_grace_ends_gets_503_and_is_not_sent() {
-    let text = format!(
-        "{}[server]\nshutdown_grace = \"1s\"\n",
-        pacing(1, "60s", "30s", 100)
-    );
+    let text = format!("{}[server]\nshutdown_grace = \"1s\"\n", pacing(1, "60s", "30s", 100));
     let h = Harness::start_static(&text, MockConfig::default()).await;
     assert_eq!(send(h.addr, get(h.addr, "/api/v1/docs/")).await.status, 200);
     let addr = h.addr;
     let queued = tokio::spawn(async move { send(addr, get(addr, "/api/v1/docs/")).await });
-    assert!(wait_depth(&h, Duration::from_secs(5), |d| d == 1).await, "the second request never queued");
+    assert!(
+        wait_depth(&h, Duration::from_secs(5), |d| d == 1).await,
+        "the second request never queued"
+    );
     let sent_before = h.mock.state.api_arrivals().len();
     let mock_state = h.mock.state.clone();
     let stopping = Instant::now();
@@ -287,5 +287,9 @@ async fn a_request_still_queued_when_the_grace_ends_gets_503_and_is_not_sent() {
         "answered after {took:?}, not at the end of the 1 s grace"
     );
     shutdown.await.unwrap();
-    assert_eq!(mock_state.api_arrivals().len(), sent_before, "the refused request was sent");
+    assert_eq!(
+        mock_state.api_arrivals().len(),
+        sent_before,
+        "the refused request was sent"
+    );
 }

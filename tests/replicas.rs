@@ -314,3 +314,70 @@ async fn redis_going_away_and_coming_back_under_load_fails_no_request() {
     // While alone each process may have logged in once; never more.
     assert!(mock.state.login_attempts.load(Ordering::Relaxed) <= 3);
 }
+
+/// The shared path's cost in Redis: with budget to spare, each request is one script call (one round trip);
+/// the watcher's pings are the only other traffic. Counted by Redis itself (`INFO commandstats`, where the
+/// commands a script runs inside Redis, `TIME`, `GET`, `SET`, count too but cost no round trip).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_budget_costs_one_redis_round_trip_per_request() {
+    let redis = Redis::start();
+    let mock = MockZapSign::start(MockConfig::default()).await.unwrap();
+    let text = static_config(
+        &mock.url(),
+        &format!("[pacing]\nlimit = 100000\nperiod = \"1s\"\n{}", shared(&redis, 1)),
+    );
+    let ps = processes(1, &text, &[("ZAPSIGN_PROXY_PACING_LIMIT", "100000")]);
+    all_ready(&ps).await;
+    let mut conn = ::redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    async fn calls(conn: &mut ::redis::aio::MultiplexedConnection) -> (u64, u64) {
+        let info: String = ::redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(conn)
+            .await
+            .unwrap();
+        let mut total = 0;
+        let mut pings = 0;
+        for line in info.lines().filter(|l| l.starts_with("cmdstat_")) {
+            let n: u64 = line
+                .split("calls=")
+                .nth(1)
+                .and_then(|r| r.split(',').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let name = line.trim_start_matches("cmdstat_").split(':').next().unwrap_or("");
+            match name {
+                "ping" => pings += n,
+                // Run by the scripts inside Redis (static mode has no token calls).
+                "info" | "time" | "get" | "set" => {}
+                _ => total += n,
+            }
+        }
+        (total, pings)
+    }
+    // One request first, so the script is loaded (a first EVALSHA may be answered NOSCRIPT and sent as EVAL).
+    assert_eq!(send(ps[0].addr, get(ps[0].addr, "/api/v1/docs/")).await.status, 200);
+    let (before, _) = calls(&mut conn).await;
+    let n = 200;
+    for _ in 0..n {
+        assert_eq!(send(ps[0].addr, get(ps[0].addr, "/api/v1/docs/")).await.status, 200);
+    }
+    let (after, _) = calls(&mut conn).await;
+    let per_request = (after - before) as f64 / n as f64;
+    eprintln!(
+        "shared pacing: {per_request:.2} Redis round trips per request ({} for {n})",
+        after - before
+    );
+    assert!(
+        after - before <= n as u64,
+        "more than one Redis round trip per request: {} commands for {n} requests",
+        after - before
+    );
+    assert!(
+        after - before >= n as u64,
+        "the requests did not go through the shared budget"
+    );
+}
