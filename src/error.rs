@@ -215,7 +215,9 @@ mod tests {
             let resp = err.to_response();
             assert_eq!(resp.status().as_u16(), status);
             assert_eq!(resp.headers()[&X_ZAPSIGN_PROXY_ERROR], code);
-            if status == 503 || status == 429 {
+            if code == "shutting_down" {
+                assert_eq!(resp.headers()[RETRY_AFTER], "1");
+            } else if status == 503 || status == 429 {
                 assert_eq!(resp.headers()[RETRY_AFTER], "2");
             }
             let json = body_json(resp).await;
