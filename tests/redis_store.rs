@@ -327,3 +327,30 @@ async fn the_shared_state_works_alone_while_redis_is_away_and_comes_back_with_th
     stop.start();
     watcher.await.unwrap();
 }
+
+/// A Redis that requires a password (`shared.redis_password_file`): the store logs in with it, and without it
+/// every call fails quickly (and the process would work alone) instead of hanging.
+#[tokio::test]
+async fn the_store_logs_in_with_the_redis_password() {
+    let redis = Redis::start_with(&["--requirepass", "s3cret-redis-pw"]);
+    let with = |password: Option<&str>| {
+        RedisStore::new(StoreSettings {
+            url: redis.url(),
+            password: password.map(Secret::new),
+            ca_pem: None,
+            key: std::sync::Arc::new(SealKey::from_hex(KEY).unwrap()),
+            prefix: "zapsign-proxy".into(),
+            scope: "1234".into(),
+            op_timeout: Duration::from_millis(500),
+        })
+        .unwrap()
+    };
+    with(Some("s3cret-redis-pw"))
+        .ping()
+        .await
+        .expect("the password is sent");
+    let started = Instant::now();
+    assert!(with(None).ping().await.is_err(), "no password, no access");
+    assert!(with(Some("wrong")).ping().await.is_err());
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
