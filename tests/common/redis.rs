@@ -28,7 +28,8 @@ impl Redis {
         Self::start_with(&[])
     }
 
-    /// [`Redis::start`] with more redis-server arguments, such as `["--requirepass", "pw"]`.
+    /// [`Redis::start`] with more redis-server arguments, such as `["--requirepass", "pw"]`; `{port}` in one
+    /// stands for the port picked (for `--tls-port {port}` after `--port 0`).
     pub fn start_with(extra: &[&str]) -> Self {
         assert!(
             Path::new(REDIS_SERVER).exists(),
@@ -70,7 +71,7 @@ impl Redis {
             ])
             .arg("--dir")
             .arg(self.dir.path())
-            .args(&self.extra)
+            .args(self.extra.iter().map(|a| a.replace("{port}", &self.port.to_string())))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
