@@ -17,6 +17,7 @@
 mod fields;
 mod line;
 
+use std::fmt;
 use std::io::{BufWriter, IsTerminal, Write};
 use std::net::IpAddr;
 use std::sync::OnceLock;
@@ -166,13 +167,38 @@ pub fn served(span: &Span, s: Served<'_>) {
             status = s.status,
             duration_us = s.elapsed.as_micros() as u64,
             upstream_us = s.upstream.map(|d| d.as_micros() as u64),
-            client = %s.client,
+            client = %Client(s.client),
             key_id = s.key_id,
             error = s.refused.map(ProxyError::code),
             reason = s.refused.map(tracing::field::display),
             "served"
         )
     });
+}
+
+/// The caller's address as the access line shows it, `IpAddr`'s `Display`: an IPv4 address (the usual case)
+/// is written in one piece rather than through `core::fmt`'s padding machinery once per octet.
+struct Client(IpAddr);
+
+impl fmt::Display for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let IpAddr::V4(v4) = self.0 else {
+            return fmt::Display::fmt(&self.0, f);
+        };
+        let mut text = [0u8; 15];
+        let mut len = 0;
+        for (i, octet) in v4.octets().into_iter().enumerate() {
+            if i > 0 {
+                text[len] = b'.';
+                len += 1;
+            }
+            let mut octet_text = itoa::Buffer::new();
+            let digits = octet_text.format(octet).as_bytes();
+            text[len..len + digits.len()].copy_from_slice(digits);
+            len += digits.len();
+        }
+        f.write_str(std::str::from_utf8(&text[..len]).map_err(|_| fmt::Error)?)
+    }
 }
 
 #[cfg(test)]
@@ -245,7 +271,12 @@ mod tests {
     fn log_request(dispatch: &Dispatch, id: &str, method: &Method, path: &str, s: Served<'_>) {
         tracing::dispatcher::with_default(dispatch, || {
             let span = request_span(&HeaderValue::from_str(id).unwrap(), method, path);
-            span.in_scope(|| tracing::warn!(error = "upstream_unreachable", "an ordinary event"));
+            span.in_scope(|| {
+                tracing::warn!(
+                    error = "upstream_unreachable",
+                    "an ordinary event \u{1b}[31m \u{85} \u{7}"
+                )
+            });
             served(&span, s);
         });
     }

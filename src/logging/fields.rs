@@ -113,6 +113,34 @@ pub(super) fn push_json_debug(out: &mut String, value: &dyn fmt::Debug) {
     out.push('"');
 }
 
+/// A `fmt::Write` that scrubs what could drive a terminal from a message, as `tracing-subscriber` does for
+/// messages it writes (ESC, BEL, BS, FF and DEL as `\x1b`-style escapes, C1 controls as `\u{..}`), so a line
+/// written here reads the same as one written there. Text without them is copied in one piece.
+struct Scrubbing<'a>(&'a mut String);
+
+impl fmt::Write for Scrubbing<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        // C1 controls (U+0080 to U+009F) are 0xC2 0x80..=0x9F in UTF-8.
+        let clean = !s.bytes().any(|b| matches!(b, 0x1b | 0x07 | 0x08 | 0x0c | 0x7f | 0xc2));
+        if clean {
+            self.0.push_str(s);
+            return Ok(());
+        }
+        for ch in s.chars() {
+            match ch {
+                '\x1b' => self.0.push_str("\\x1b"),
+                '\x07' => self.0.push_str("\\x07"),
+                '\x08' => self.0.push_str("\\x08"),
+                '\x0c' => self.0.push_str("\\x0c"),
+                '\x7f' => self.0.push_str("\\x7f"),
+                '\u{80}'..='\u{9f}' => write!(self.0, "\\u{{{:x}}}", ch as u32)?,
+                ch => self.0.push(ch),
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The text format's fields, as `tracing-subscriber`'s `DefaultFields` writes them without colours
 /// (`name=value`, strings quoted, separated by spaces). With colours on (a terminal) it hands over to
 /// `DefaultFields`, whose styling is then the point.
@@ -124,8 +152,9 @@ impl<'w> FormatFields<'w> for TextFields {
         if writer.has_ansi_escapes() {
             return DefaultFields::new().format_fields(writer, fields);
         }
+        let scrub = writer.sanitizes_ansi_escapes();
         with_scratch(|buf| {
-            let mut visitor = TextVisitor::new(buf);
+            let mut visitor = TextVisitor::new(buf, scrub);
             fields.record(&mut visitor);
             visitor.result?;
             writer.write_str(buf)
@@ -139,15 +168,26 @@ impl<'w> FormatFields<'w> for TextFields {
 pub(super) struct TextVisitor<'a> {
     out: &'a mut String,
     is_empty: bool,
+    /// Whether messages are scrubbed of terminal escapes (the writer's setting; on unless turned off).
+    scrub: bool,
     pub(super) result: fmt::Result,
 }
 
 impl<'a> TextVisitor<'a> {
-    pub(super) fn new(out: &'a mut String) -> Self {
+    pub(super) fn new(out: &'a mut String, scrub: bool) -> Self {
         Self {
             out,
             is_empty: true,
+            scrub,
             result: Ok(()),
+        }
+    }
+
+    fn pad(&mut self) {
+        if self.is_empty {
+            self.is_empty = false;
+        } else {
+            self.out.push(' ');
         }
     }
 
@@ -157,11 +197,7 @@ impl<'a> TextVisitor<'a> {
         if name == "message" || name.starts_with("r#") || name.starts_with("log.") || self.result.is_err() {
             return false;
         }
-        if self.is_empty {
-            self.is_empty = false;
-        } else {
-            self.out.push(' ');
-        }
+        self.pad();
         self.out.push_str(name);
         self.out.push('=');
         true
@@ -229,6 +265,10 @@ impl Visit for TextVisitor<'_> {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         if self.start(field) {
             let _ = write!(self.out, "{value:?}");
+        } else if field.name() == "message" && self.scrub && self.result.is_ok() {
+            // The message, written bare.
+            self.pad();
+            self.result = write!(Scrubbing(self.out), "{value:?}");
         } else {
             self.delegate(|v| v.record_debug(field, value));
             self.delegated(field);

@@ -182,11 +182,12 @@ where
                 let ext = span.extensions();
                 if let Some(fields) = ext.get::<FormattedFields<N>>() {
                     let at = (self.clock.0)();
+                    let scrub = writer.sanitizes_ansi_escapes();
                     let written = with_scratch(|buf| {
                         let done = if self.json {
                             json_line(buf, at, meta, span.name(), &fields.fields, event)
                         } else {
-                            text_line(buf, at, meta, span.name(), &fields.fields, event)
+                            text_line(buf, scrub, at, meta, span.name(), &fields.fields, event)
                         };
                         done.map(|()| writer.write_str(buf))
                     });
@@ -206,6 +207,7 @@ where
 /// lays out an event inside one span without colours.
 fn text_line(
     out: &mut String,
+    scrub: bool,
     at: SystemTime,
     meta: &Metadata<'_>,
     span: &str,
@@ -225,7 +227,7 @@ fn text_line(
     out.push_str(": ");
     out.push_str(meta.target());
     out.push_str(": ");
-    let mut fields = TextVisitor::new(out);
+    let mut fields = TextVisitor::new(out, scrub);
     event.record(&mut fields);
     fields.result.ok()?;
     out.push('\n');
