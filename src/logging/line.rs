@@ -9,7 +9,7 @@
 //! Either way the line then takes the same road: the same filter decided it is wanted, the same layer hands
 //! it to the same non-blocking writer, so ordering and the flush on exit are unchanged.
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -47,7 +47,7 @@ const YEAR_10000: u64 = 253_402_300_800;
 thread_local! {
     /// The second last formatted on this thread and its `YYYY-MM-DDTHH:MM:SS.` text: at any request rate
     /// lines come many to a second, so the calendar work is done once a second.
-    static SECOND: Cell<(u64, [u8; 20])> = const { Cell::new((u64::MAX, [0; 20])) };
+    static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
 }
 
 /// Appends `at` as RFC 3339 UTC with microseconds, as `tracing-subscriber`'s `SystemTime` timer writes it
@@ -62,43 +62,42 @@ pub(super) fn push_timestamp(out: &mut String, at: SystemTime) {
         }
     };
     let secs = since.as_secs();
-    let prefix = SECOND.with(|cell| {
-        let (cached, text) = cell.get();
-        if cached == secs {
-            return text;
+    SECOND.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut cached) => {
+            if cached.0 != secs {
+                cached.1.clear();
+                cached.1.push_str(&date_time(secs));
+                cached.0 = secs;
+            }
+            out.push_str(&cached.1);
         }
-        let text = date_time(secs);
-        cell.set((secs, text));
-        text
+        Err(_) => out.push_str(&date_time(secs)),
     });
-    // The prefix is ASCII digits and separators only.
-    out.push_str(std::str::from_utf8(&prefix).unwrap_or_default());
-    let mut micros = since.subsec_micros();
-    let mut digits = [b'0'; 7];
-    digits[6] = b'Z';
-    for d in digits[..6].iter_mut().rev() {
-        *d = b'0' + (micros % 10) as u8;
-        micros /= 10;
+    let micros = since.subsec_micros();
+    for place in [100_000, 10_000, 1_000, 100, 10, 1] {
+        out.push(char::from(b'0' + (micros / place % 10) as u8));
     }
-    out.push_str(std::str::from_utf8(&digits).unwrap_or_default());
+    out.push('Z');
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.` for `secs` since the epoch (before year 10000).
-fn date_time(secs: u64) -> [u8; 20] {
+fn date_time(secs: u64) -> String {
     let (year, month, day) = civil_date(secs / 86_400);
     let t = secs % 86_400;
-    let mut out = *b"0000-00-00T00:00:00.";
-    let two = |out: &mut [u8; 20], at: usize, v: u64| {
-        out[at] = b'0' + (v / 10) as u8;
-        out[at + 1] = b'0' + (v % 10) as u8;
-    };
-    two(&mut out, 0, year / 100);
-    two(&mut out, 2, year % 100);
-    two(&mut out, 5, month);
-    two(&mut out, 8, day);
-    two(&mut out, 11, t / 3600);
-    two(&mut out, 14, t / 60 % 60);
-    two(&mut out, 17, t % 60);
+    let mut out = String::with_capacity(20);
+    for (value, after) in [
+        (year / 100, ""),
+        (year % 100, "-"),
+        (month, "-"),
+        (day, "T"),
+        (t / 3600, ":"),
+        (t / 60 % 60, ":"),
+        (t % 60, "."),
+    ] {
+        out.push(char::from(b'0' + (value / 10) as u8));
+        out.push(char::from(b'0' + (value % 10) as u8));
+        out.push_str(after);
+    }
     out
 }
 
@@ -122,7 +121,7 @@ fn civil_date(days: u64) -> (u64, u64, u64) {
 #[cfg(test)]
 thread_local! {
     /// Access lines this thread wrote through the fast path: tests check it is the one taken.
-    pub(super) static FAST_LINES: Cell<u64> = const { Cell::new(0) };
+    pub(super) static FAST_LINES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// The event formatter: the access line written here, everything else by `inner`.
@@ -305,7 +304,7 @@ mod tests {
             ];
             let month = months.iter().position(|m| *m == &theirs[8..11]).unwrap() + 1;
             let expected = format!("{}-{month:02}-{}T{}.", &theirs[12..16], &theirs[5..7], &theirs[17..25]);
-            assert_eq!(std::str::from_utf8(&ours).unwrap(), expected, "{secs}");
+            assert_eq!(ours, expected, "{secs}");
             secs += 97 * 86_400 + 3_607;
         }
     }
