@@ -2,7 +2,11 @@
 //! writes them (`zapsign_proxy::logging`), through the subscriber `main` installs, into the non-blocking writer
 //! (its writer thread writing to a sink). `info` is the default level, so every request pays this; `warn`
 //! shows what is left when the line is filtered out. Issue 12 asks for the default log to cost little next to
-//! nginx's access log.
+//! nginx's access log; the targets are 1.5 µs (text) and 2.5 µs (JSON) per request on a quiet machine.
+//!
+//! What is measured is the whole per-request cost: creating and closing the request span (its fields rendered
+//! once), the filter, the access line's own formatter (`zapsign_proxy::logging`'s `line` module) and the
+//! hand-off of the line to the writer thread, which writes to a sink on the other core.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
@@ -20,6 +24,7 @@ fn access_line(c: &mut Criterion) {
         ("text_info", LogFormat::Text, "info"),
         ("json_info", LogFormat::Json, "info"),
         ("text_warn", LogFormat::Text, "warn"),
+        ("json_warn", LogFormat::Json, "warn"),
     ] {
         let mut cfg = LogConfig::defaults(&|_| None);
         cfg.format = format;
