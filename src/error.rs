@@ -81,8 +81,8 @@ pub enum ProxyError {
         /// When a token may be there.
         retry_after: Duration,
     },
-    /// Pacing: no slot within `pacing.max_wait`, or `pacing.queue_limit` requests already wait. Nothing was sent
-    /// upstream.
+    /// Pacing: no slot within `pacing.max_wait`, or `pacing.queue_limit` requests already wait (429
+    /// `rate_limited`), or shutdown's grace ended the wait (503 `shutting_down`). Nothing was sent upstream.
     #[error("{0}")]
     RateLimited(crate::pacing::Refused),
     /// The upstream did not send response headers within `upstream.response_timeout`.
@@ -101,6 +101,7 @@ impl ProxyError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::ProxyAuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             Self::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            Self::RateLimited(crate::pacing::Refused::ShuttingDown) => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -114,6 +115,7 @@ impl ProxyError {
             Self::Forbidden(_) => "forbidden",
             Self::ProxyAuthRequired => "proxy_auth_required",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
+            Self::RateLimited(crate::pacing::Refused::ShuttingDown) => "shutting_down",
             Self::RateLimited(_) => "rate_limited",
             Self::TokenUnavailable { .. } => "token_unavailable",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
@@ -197,6 +199,11 @@ mod tests {
                 "rate_limited",
             ),
             (
+                ProxyError::RateLimited(crate::pacing::Refused::ShuttingDown),
+                503,
+                "shutting_down",
+            ),
+            (
                 ProxyError::UpstreamTimeout {
                     timeout: Duration::from_secs(2),
                 },
@@ -208,7 +215,9 @@ mod tests {
             let resp = err.to_response();
             assert_eq!(resp.status().as_u16(), status);
             assert_eq!(resp.headers()[&X_ZAPSIGN_PROXY_ERROR], code);
-            if status == 503 || status == 429 {
+            if code == "shutting_down" {
+                assert_eq!(resp.headers()[RETRY_AFTER], "1");
+            } else if status == 503 || status == 429 {
                 assert_eq!(resp.headers()[RETRY_AFTER], "2");
             }
             let json = body_json(resp).await;

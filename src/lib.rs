@@ -133,7 +133,7 @@ pub async fn run_with_reloads(
     let server_tls = reload::tls_cell(&config)?;
     let metrics = Arc::new(Metrics::new());
     let stop = crate::shutdown::Shutdown::new();
-    let shared = proxy::shared_state(&config, &metrics)?;
+    let shared = proxy::setup::shared_state(&config, &metrics)?;
     let (holder, renewer) = token_keeper(&config, &tls, &metrics, shared.as_ref())?;
     let tasks = tasks::Tasks::new();
     if let Some(shared) = &shared {

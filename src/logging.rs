@@ -20,12 +20,11 @@ mod line;
 use std::fmt;
 use std::io::{BufWriter, IsTerminal, Write};
 use std::net::IpAddr;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use http::{HeaderValue, Method};
 use tracing::{Dispatch, Span};
-use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
+use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::fmt::format::Format;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -34,7 +33,7 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{LogConfig, LogFormat};
 use crate::error::ProxyError;
 use fields::{JsonSpanFields, TextFields};
-use line::{Clock, LineFormat};
+use line::{Clock, LineFormat, ACCESS_TARGET, SPAN_NAME};
 
 /// Lines queued for the writer thread at most. Each queued line costs its length (about 300 bytes for an access
 /// line), and the queue's slots (32 bytes each) are allocated and touched up front, so this is kept well below
@@ -47,22 +46,12 @@ pub const BUFFERED_LINES: usize = 8192;
 /// thread flushes whenever its queue runs empty, so a line never waits for later ones.
 const WRITE_BUFFER: usize = 64 * 1024;
 
-/// The target the access line is filed under: where it was logged before it moved here, so filters that name
-/// `zapsign_proxy::proxy` keep working.
-const ACCESS_TARGET: &str = "zapsign_proxy::proxy";
-
-/// The request span's name: the `request{..}` of text lines, `span.name` of JSON ones.
-const SPAN_NAME: &str = "request";
-
-/// The drop counter of the installed writer, read by `/metrics`; unset until [`init`] runs.
-static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
-
 /// Installs the global subscriber, writing to stderr off the calling threads. Call once, from `main`, and keep
 /// the guard until the proxy has stopped: dropping it writes out the queued lines (waiting up to a second).
 #[must_use = "dropping the guard stops the log writer: keep it until the process is about to exit"]
 pub fn init(cfg: &LogConfig) -> WorkerGuard {
     let (writer, guard) = non_blocking(std::io::stderr(), BUFFERED_LINES);
-    let _ = DROPPED.set(writer.error_counter());
+    crate::metrics::count_log_drops(writer.error_counter());
     // Colour codes only for a person at a terminal: piped into a file or a log collector they are noise that
     // breaks grep and parsers.
     // A second `init` (never in the binary) keeps the first subscriber: `try_init` refuses to replace it.
@@ -75,7 +64,7 @@ pub fn init(cfg: &LogConfig) -> WorkerGuard {
 
 /// Log lines dropped so far because the writer's queue was full (0 before [`init`]).
 pub fn dropped_lines() -> u64 {
-    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+    crate::metrics::log_lines_dropped()
 }
 
 /// A non-blocking, lossy writer into `out` holding at most `lines` queued lines, and the guard that flushes it.
@@ -457,7 +446,7 @@ mod tests {
             .finish(Stalled(Arc::new(Mutex::new(Some(stalled)))));
         let counter = writer.error_counter();
         assert!(
-            DROPPED.set(writer.error_counter()).is_ok(),
+            crate::metrics::count_log_drops(writer.error_counter()),
             "no other test installs a writer"
         );
         let cfg = LogConfig::defaults(&|_| None);

@@ -366,12 +366,22 @@ impl Metrics {
         // Process-wide, like the log writer it reads: see `crate::logging`.
         writeln!(out, "# HELP zapsign_proxy_log_lines_dropped_total Log lines dropped because the log writer's queue was full (stderr too slow).")?;
         writeln!(out, "# TYPE zapsign_proxy_log_lines_dropped_total counter")?;
-        writeln!(
-            out,
-            "zapsign_proxy_log_lines_dropped_total {}",
-            crate::logging::dropped_lines()
-        )
+        writeln!(out, "zapsign_proxy_log_lines_dropped_total {}", log_lines_dropped())
     }
+}
+
+/// The log writer's count of dropped lines, process-wide like the writer (set once by `logging::init`; the
+/// logging module hands it over so this module never imports logging, which sits above it).
+static LOG_DROPS: OnceLock<tracing_appender::non_blocking::ErrorCounter> = OnceLock::new();
+
+/// Shows `counter` as `zapsign_proxy_log_lines_dropped_total`; the first call wins (returns whether it did).
+pub fn count_log_drops(counter: tracing_appender::non_blocking::ErrorCounter) -> bool {
+    LOG_DROPS.set(counter).is_ok()
+}
+
+/// Log lines dropped so far because the log writer's queue was full (0 before logging started).
+pub fn log_lines_dropped() -> u64 {
+    LOG_DROPS.get().map_or(0, |c| c.dropped_lines() as u64)
 }
 
 /// One counter with a single label, one line per label value, in Prometheus text format.

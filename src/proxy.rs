@@ -27,16 +27,14 @@ use crate::error::{error_chain, ProxyError};
 use crate::headers::{ensure_request_id, fit_to_upstream_version, remove_hop_by_hop, unframed_body, X_REQUEST_ID};
 use crate::logging;
 use crate::metrics::{Metrics, RateLimitedBy, UpstreamErrorKind};
-use crate::pacing::{CallerId, Pacer};
+use crate::pacing::{CallerId, Pacer, Refused};
 use crate::replay::{ForwardBody, ReplayBudget};
 use crate::rewrite::{rewrite_head, upstream_target, RewriteContext};
 use crate::tasks::Tasks;
 use crate::upstream::{classify, Connector, UpstreamClient};
 
 mod retry;
-mod setup;
-
-pub(crate) use setup::shared_state;
+pub(crate) mod setup;
 
 /// The body of every response the proxy sends: the upstream's, streamed, or the proxy's own JSON error.
 pub type ResponseBody = Either<Incoming, Full<Bytes>>;
@@ -141,6 +139,15 @@ impl Head {
 }
 
 impl Proxy {
+    /// Shutdown's grace is over: requests still waiting for a pacing slot are answered 503 `shutting_down` now,
+    /// rather than cut off with their connection (the contract: queued requests keep their place until
+    /// `server.shutdown_grace`, then get 503).
+    pub(crate) fn refuse_waiting(&self) {
+        if let Some(pacer) = &self.pacer {
+            pacer.close();
+        }
+    }
+
     /// Serves one request from the caller on `conn`. Never fails: every error becomes the contract's JSON
     /// answer.
     pub(crate) async fn handle(&self, req: Request<Incoming>, conn: &CallerConn) -> Response<ResponseBody> {
@@ -252,7 +259,9 @@ impl Proxy {
         match pacer.acquire(caller).await {
             Ok(granted) => self.metrics.pacing_wait(granted.waited),
             Err(refused) => {
-                self.metrics.rate_limited(RateLimitedBy::Proxy);
+                if refused != Refused::ShuttingDown {
+                    self.metrics.rate_limited(RateLimitedBy::Proxy);
+                }
                 return Err(ProxyError::RateLimited(refused));
             }
         }

@@ -125,11 +125,21 @@ pub async fn serve(
     }
     drop(listener);
     info!(grace = ?cfg.shutdown_grace, "stopped accepting; letting open requests finish");
+    let drained = graceful.shutdown();
+    tokio::pin!(drained);
     tokio::select! {
-        _ = graceful.shutdown() => info!("all connections closed"),
-        _ = tokio::time::sleep(cfg.shutdown_grace) => warn!(grace = ?cfg.shutdown_grace, "server.shutdown_grace passed with requests still open; closing them"),
+        _ = &mut drained => info!("all connections closed"),
+        _ = tokio::time::sleep(cfg.shutdown_grace) => {
+            warn!(grace = ?cfg.shutdown_grace, "server.shutdown_grace passed with requests still open; closing them");
+            // Requests still queued for a pacing slot get their 503 now; a moment lets those answers out.
+            proxy.refuse_waiting();
+            let _ = tokio::time::timeout(REFUSALS_OUT, &mut drained).await;
+        }
     }
 }
+
+/// How long after the grace the answers to refused queued requests get to reach their callers.
+const REFUSALS_OUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Serves one caller connection, HTTP/1.1 or HTTP/2 by its first bytes.
 async fn serve_connection<T>(

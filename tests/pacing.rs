@@ -55,6 +55,10 @@ async fn wait_depth(h: &Harness, deadline: Duration, check: impl Fn(u64) -> bool
 async fn a_burst_of_three_limits_is_all_served_and_never_more_than_the_limit_in_any_period() {
     let limit = 20;
     let h = Harness::start_static(&pacing(limit, "1s", "10s", 1000), MockConfig::default()).await;
+    // One request first, then a period's rest: the burst's first request would otherwise be the only one that
+    // waits for a new upstream connection, and arrive late enough at the mock to squeeze the next period.
+    assert_eq!(send(h.addr, get(h.addr, "/api/v1/docs/")).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let started = Instant::now();
     let calls: Vec<_> = (0..3 * limit)
         .map(|_| {
@@ -66,7 +70,7 @@ async fn a_burst_of_three_limits_is_all_served_and_never_more_than_the_limit_in_
         assert_eq!(call.await.unwrap(), 200);
     }
     let arrivals = h.mock.state.api_arrivals();
-    assert_eq!(arrivals.len(), 3 * limit as usize);
+    assert_eq!(arrivals.len(), 3 * limit as usize + 1);
     let max = max_in_any_period(&arrivals, Duration::from_secs(1), false);
     println!(
         "burst of {}: max {max} requests in any 1 s at the mock (limit {limit}); all served in {:?}",
@@ -258,4 +262,38 @@ async fn an_upstream_429_whose_pause_outlasts_max_wait_passes_on_unchanged_and_p
         "a request reached the mock during the pause"
     );
     h.shutdown().await;
+}
+
+/// On SIGTERM (here: the harness's shutdown), a request queued for a slot keeps its place through
+/// `server.shutdown_grace`, then gets 503 `shutting_down` with `Retry-After` instead of a cut connection, and
+/// nothing is sent for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_still_queued_when_the_grace_ends_gets_503_and_is_not_sent() {
+    let text = format!("{}[server]\nshutdown_grace = \"1s\"\n", pacing(1, "60s", "30s", 100));
+    let h = Harness::start_static(&text, MockConfig::default()).await;
+    assert_eq!(send(h.addr, get(h.addr, "/api/v1/docs/")).await.status, 200);
+    let addr = h.addr;
+    let queued = tokio::spawn(async move { send(addr, get(addr, "/api/v1/docs/")).await });
+    assert!(
+        wait_depth(&h, Duration::from_secs(5), |d| d == 1).await,
+        "the second request never queued"
+    );
+    let sent_before = h.mock.state.api_arrivals().len();
+    let mock_state = h.mock.state.clone();
+    let stopping = Instant::now();
+    let shutdown = tokio::spawn(h.shutdown());
+    let answer = queued.await.unwrap();
+    let took = stopping.elapsed();
+    assert_proxy_error(&answer, 503, "shutting_down");
+    assert_eq!(answer.headers["retry-after"], "1");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "answered after {took:?}, not at the end of the 1 s grace"
+    );
+    shutdown.await.unwrap();
+    assert_eq!(
+        mock_state.api_arrivals().len(),
+        sent_before,
+        "the refused request was sent"
+    );
 }

@@ -327,3 +327,83 @@ async fn the_shared_state_works_alone_while_redis_is_away_and_comes_back_with_th
     stop.start();
     watcher.await.unwrap();
 }
+
+/// A Redis that requires a password (`shared.redis_password_file`): the store logs in with it, and without it
+/// every call fails quickly (and the process would work alone) instead of hanging.
+#[tokio::test]
+async fn the_store_logs_in_with_the_redis_password() {
+    let redis = Redis::start_with(&["--requirepass", "s3cret-redis-pw"]);
+    let with = |password: Option<&str>| {
+        RedisStore::new(StoreSettings {
+            url: redis.url(),
+            password: password.map(Secret::new),
+            ca_pem: None,
+            key: std::sync::Arc::new(SealKey::from_hex(KEY).unwrap()),
+            prefix: "zapsign-proxy".into(),
+            scope: "1234".into(),
+            op_timeout: Duration::from_millis(500),
+        })
+        .unwrap()
+    };
+    with(Some("s3cret-redis-pw"))
+        .ping()
+        .await
+        .expect("the password is sent");
+    let started = Instant::now();
+    assert!(with(None).ping().await.is_err(), "no password, no access");
+    assert!(with(Some("wrong")).ping().await.is_err());
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+/// `rediss://` with `shared.ca_file`: the store speaks TLS to a Redis whose certificate a private CA signed, and
+/// refuses one it cannot verify.
+#[tokio::test]
+async fn the_store_speaks_tls_to_a_redis_signed_by_the_given_ca() {
+    let ca = common::TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let (cert, key, ca_file) = (
+        write("redis.crt", &ca.server_cert_pem),
+        write("redis.key", &ca.server_key_pem),
+        write("ca.crt", &ca.ca_pem),
+    );
+    let redis = Redis::start_with(&[
+        "--port",
+        "0",
+        "--tls-port",
+        "{port}",
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca_file,
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let url = format!("rediss://localhost:{}/0", redis.port);
+    let with = |ca_pem: Option<Vec<u8>>| {
+        RedisStore::new(StoreSettings {
+            url: url.clone(),
+            password: None,
+            ca_pem,
+            key: std::sync::Arc::new(SealKey::from_hex(KEY).unwrap()),
+            prefix: "zapsign-proxy".into(),
+            scope: "1234".into(),
+            op_timeout: Duration::from_millis(1000),
+        })
+        .unwrap()
+    };
+    with(Some(ca.ca_pem.clone().into_bytes()))
+        .ping()
+        .await
+        .expect("TLS with the private CA");
+    assert!(
+        with(None).ping().await.is_err(),
+        "a certificate no trusted root signed must be refused"
+    );
+}

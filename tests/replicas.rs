@@ -15,6 +15,10 @@ use common::*;
 use tokio::sync::Mutex;
 use zapsign_proxy::mock::{max_in_any_period, MockConfig, MockZapSign, DEMO_PASSWORD};
 
+/// One test at a time: each runs three proxy processes and a Redis under load on 2 cores, and the timing checks
+/// (the budget at the mock, failover within 5 s) measure the proxy, not the other tests' load.
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
 const KEY: &str = "7f3a9c0b1d2e4f5061728394a5b6c7d8e9f0112233445566778899aabbccddee";
 
 /// The `[shared]` section for `redis`, with `replicas` processes.
@@ -136,6 +140,7 @@ async fn everything_in(redis: &Redis) -> Vec<(String, Vec<u8>, i64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processes_share_one_login_and_its_refreshes_and_redis_holds_no_secret() {
+    let _serial = SERIAL.lock().await;
     let redis = Redis::start();
     let mock = MockZapSign::start(MockConfig {
         access_ttl: Duration::from_secs(6),
@@ -204,6 +209,7 @@ async fn three_processes_share_one_login_and_its_refreshes_and_redis_holds_no_se
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processes_spend_one_pacing_budget_under_overload() {
+    let _serial = SERIAL.lock().await;
     let redis = Redis::start();
     let mock = MockZapSign::start(MockConfig::default()).await.unwrap();
     let (limit, period) = (20u32, Duration::from_secs(1));
@@ -218,6 +224,12 @@ async fn three_processes_spend_one_pacing_budget_under_overload() {
     );
     let ps = processes(3, &text, &[("ZAPSIGN_PROXY_PACING_LIMIT", &limit.to_string())]);
     all_ready(&ps).await;
+    // One request through each first, then a period's rest, so no process's first request waits for a new
+    // upstream connection inside the measured burst (a late arrival squeezes the next period at the mock).
+    for p in &ps {
+        assert_eq!(send(p.addr, get(p.addr, "/api/v1/docs/")).await.status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     // Six times the limit at once, spread over the three processes: each alone would send its own limit a
     // period, three times the account's.
     let started = Instant::now();
@@ -245,7 +257,7 @@ async fn three_processes_spend_one_pacing_budget_under_overload() {
         "{max} requests reached ZapSign within one period (limit {limit}); all sent in {:?}",
         started.elapsed()
     );
-    assert_eq!(arrivals.len(), 6 * limit as usize);
+    assert_eq!(arrivals.len(), 6 * limit as usize + 3);
     assert!(
         all_shared_state(&ps, 1, Duration::from_secs(1)).await.is_some(),
         "every process shared the budget"
@@ -259,6 +271,7 @@ async fn three_processes_spend_one_pacing_budget_under_overload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_going_away_and_coming_back_under_load_fails_no_request() {
+    let _serial = SERIAL.lock().await;
     let mut redis = Redis::start();
     let mock = MockZapSign::start(MockConfig::default()).await.unwrap();
     let limit = 60u32;
@@ -313,4 +326,72 @@ async fn redis_going_away_and_coming_back_under_load_fails_no_request() {
     );
     // While alone each process may have logged in once; never more.
     assert!(mock.state.login_attempts.load(Ordering::Relaxed) <= 3);
+}
+
+/// The shared path's cost in Redis: with budget to spare, each request is one script call (one round trip);
+/// the watcher's pings are the only other traffic. Counted by Redis itself (`INFO commandstats`, where the
+/// commands a script runs inside Redis, `TIME`, `GET`, `SET`, count too but cost no round trip).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_budget_costs_one_redis_round_trip_per_request() {
+    let _serial = SERIAL.lock().await;
+    let redis = Redis::start();
+    let mock = MockZapSign::start(MockConfig::default()).await.unwrap();
+    let text = static_config(
+        &mock.url(),
+        &format!("[pacing]\nlimit = 100000\nperiod = \"1s\"\n{}", shared(&redis, 1)),
+    );
+    let ps = processes(1, &text, &[("ZAPSIGN_PROXY_PACING_LIMIT", "100000")]);
+    all_ready(&ps).await;
+    let mut conn = ::redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    async fn calls(conn: &mut ::redis::aio::MultiplexedConnection) -> (u64, u64) {
+        let info: String = ::redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(conn)
+            .await
+            .unwrap();
+        let mut total = 0;
+        let mut pings = 0;
+        for line in info.lines().filter(|l| l.starts_with("cmdstat_")) {
+            let n: u64 = line
+                .split("calls=")
+                .nth(1)
+                .and_then(|r| r.split(',').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let name = line.trim_start_matches("cmdstat_").split(':').next().unwrap_or("");
+            match name {
+                "ping" => pings += n,
+                // Run by the scripts inside Redis (static mode has no token calls).
+                "info" | "time" | "get" | "set" => {}
+                _ => total += n,
+            }
+        }
+        (total, pings)
+    }
+    // One request first, so the script is loaded (a first EVALSHA may be answered NOSCRIPT and sent as EVAL).
+    assert_eq!(send(ps[0].addr, get(ps[0].addr, "/api/v1/docs/")).await.status, 200);
+    let (before, _) = calls(&mut conn).await;
+    let n = 200;
+    for _ in 0..n {
+        assert_eq!(send(ps[0].addr, get(ps[0].addr, "/api/v1/docs/")).await.status, 200);
+    }
+    let (after, _) = calls(&mut conn).await;
+    let per_request = (after - before) as f64 / n as f64;
+    eprintln!(
+        "shared pacing: {per_request:.2} Redis round trips per request ({} for {n})",
+        after - before
+    );
+    assert!(
+        after - before <= n as u64,
+        "more than one Redis round trip per request: {} commands for {n} requests",
+        after - before
+    );
+    assert!(
+        after - before >= n as u64,
+        "the requests did not go through the shared budget"
+    );
 }

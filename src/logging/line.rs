@@ -20,7 +20,13 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFi
 use tracing_subscriber::registry::LookupSpan;
 
 use super::fields::{push_json_str, with_scratch, JsonEventVisitor, TextVisitor};
-use super::{ACCESS_TARGET, SPAN_NAME};
+
+/// The target the access line is filed under: where it was logged before it moved to `logging`, so filters
+/// that name `zapsign_proxy::proxy` keep working.
+pub(super) const ACCESS_TARGET: &str = "zapsign_proxy::proxy";
+
+/// The request span's name: the `request{..}` of text lines, `span.name` of JSON ones.
+pub(super) const SPAN_NAME: &str = "request";
 
 /// Where lines get the time from: the system clock, or a fixed instant in tests.
 #[derive(Debug, Clone, Copy)]

@@ -104,6 +104,10 @@ pub enum Refused {
         /// When a slot is expected.
         retry_after: Duration,
     },
+    /// `server.shutdown_grace` passed while the request still waited for a slot: the caller gets 503
+    /// `shutting_down` (another replica can serve it at once), nothing sent.
+    #[error("the proxy is shutting down: server.shutdown_grace passed before a slot in the account's rate limit came; send the request again (another replica will take it)")]
+    ShuttingDown,
     /// No slot came within `pacing.max_wait`.
     #[error("no slot in the account's rate limit within pacing.max_wait ({max_wait:?}); retry in {retry_after:?}")]
     TimedOut {
@@ -119,6 +123,7 @@ impl Refused {
     pub fn retry_after_secs(&self) -> u64 {
         let d = match self {
             Self::QueueFull { retry_after, .. } | Self::TimedOut { retry_after, .. } => *retry_after,
+            Self::ShuttingDown => Duration::from_secs(1),
         };
         u64::try_from(d.as_nanos().div_ceil(1_000_000_000))
             .unwrap_or(u64::MAX)
@@ -225,6 +230,8 @@ pub struct Pacer {
     shared_free_at: AtomicU64,
     /// One slot of the whole account's budget (`period / limit`), the spacing the shared budget grants at.
     shared_slot: Duration,
+    /// Set by [`Pacer::close`] (shutdown grace over): nobody waits any more.
+    closed: AtomicBool,
 }
 
 /// What the dispatcher does next.
@@ -264,6 +271,7 @@ impl Pacer {
             shared,
             shared_free_at: AtomicU64::new(0),
             shared_slot: Gcra::new(settings.limit, settings.period).slot(),
+            closed: AtomicBool::new(false),
         });
         tokio::spawn(dispatch(Arc::downgrade(&pacer), pacer.work.clone()));
         pacer
@@ -333,6 +341,10 @@ impl Pacer {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         {
             let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            // Checked under the queue's lock, which `close` takes too: no waiter joins after the queue emptied.
+            if self.closed.load(Ordering::Acquire) {
+                return Err(Refused::ShuttingDown);
+            }
             if queue.len >= self.settings.queue_limit {
                 return Err(Refused::QueueFull {
                     depth: queue.len,
@@ -356,11 +368,24 @@ impl Pacer {
                     waited: start.elapsed(),
                 })
             }
+            Ok(Err(_)) if self.closed.load(Ordering::Acquire) => Err(Refused::ShuttingDown),
             _ => Err(Refused::TimedOut {
                 max_wait: self.settings.max_wait,
                 retry_after: self.expected_wait(self.queue_depth()),
             }),
         }
+    }
+
+    /// Shutdown's grace is over: every waiting request is refused with [`Refused::ShuttingDown`] at once (their
+    /// grants are dropped), and no request waits from now on. A request that finds a free slot still goes.
+    pub fn close(&self) {
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        self.closed.store(true, Ordering::Release);
+        let waiting = std::mem::take(&mut *queue);
+        self.waiting.store(0, Ordering::Release);
+        drop(queue);
+        drop(waiting);
+        self.work.notify_one();
     }
 
     /// The upstream answered 429: grant nothing until `retry_after` from now when it said, else until the next

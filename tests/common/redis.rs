@@ -17,12 +17,20 @@ pub struct Redis {
     pub port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// More redis-server arguments (e.g. `--requirepass`), kept for a restart.
+    extra: Vec<String>,
 }
 
 impl Redis {
     /// Starts redis-server on a free port. Panics with the way to install it when it is missing: a test that
     /// needs a real Redis never passes without one.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// [`Redis::start`] with more redis-server arguments, such as `["--requirepass", "pw"]`; `{port}` in one
+    /// stands for the port picked (for `--tls-port {port}` after `--port 0`).
+    pub fn start_with(extra: &[&str]) -> Self {
         assert!(
             Path::new(REDIS_SERVER).exists(),
             "{REDIS_SERVER} is missing: this test needs a real Redis. Install Debian's redis-server \
@@ -39,6 +47,7 @@ impl Redis {
                 port,
                 child: None,
                 dir: tempfile::tempdir().expect("temp dir"),
+                extra: extra.iter().map(|a| a.to_string()).collect(),
             };
             match redis.spawn() {
                 Ok(()) => return redis,
@@ -62,6 +71,7 @@ impl Redis {
             ])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(self.extra.iter().map(|a| a.replace("{port}", &self.port.to_string())))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

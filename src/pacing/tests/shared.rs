@@ -165,8 +165,8 @@ async fn while_the_store_is_down_the_local_limiter_paces_at_its_share_starting_s
     );
     assert!(max_in_any_window(times.clone(), Duration::from_secs(1)) <= 10);
     assert_eq!(pacer.slot(), Gcra::new(10, Duration::from_secs(1)).slot());
-    // And at that share's full rate: 30 slots of 100 ms after the spent second.
-    assert!(*times.iter().max().unwrap() <= Duration::from_millis(1000 + 29 * 100 + 10));
+    // And at that share's full rate: 30 slots (100 ms and the jitter guard's share) after the spent second.
+    assert!(*times.iter().max().unwrap() <= first + pacer.slot() * 29 + Duration::from_millis(10));
 }
 
 #[tokio::test(start_paused = true)]
@@ -311,7 +311,7 @@ async fn a_caller_that_goes_away_during_the_round_trip_wastes_at_most_that_slot(
     };
     // Its own round trip says "none for ~990 ms"; the dispatcher asks again then, and the caller leaves while
     // that second round trip is in flight.
-    tokio::time::sleep_until(queued_at + Duration::from_millis(1000 + 5)).await;
+    tokio::time::sleep_until(queued_at + Gcra::new(1, Duration::from_secs(1)).slot() + Duration::from_millis(5)).await;
     assert_eq!(pacer.queue_depth(), 1);
     assert_eq!(fake.log.lock().unwrap().asks, 2, "the dispatcher's ask is in flight");
     gone.abort();
