@@ -21,8 +21,8 @@ use tracing_subscriber::registry::LookupSpan;
 
 use super::fields::{push_json_str, with_scratch, JsonEventVisitor, TextVisitor};
 
-/// The target the access line is filed under: where it was logged before it moved here, so filters that name
-/// `zapsign_proxy::proxy` keep working.
+/// The target the access line is filed under: where it was logged before it moved to `logging`, so filters
+/// that name `zapsign_proxy::proxy` keep working.
 pub(super) const ACCESS_TARGET: &str = "zapsign_proxy::proxy";
 
 /// The request span's name: the `request{..}` of text lines, `span.name` of JSON ones.
