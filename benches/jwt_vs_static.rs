@@ -10,9 +10,11 @@
 //! long as the JWT the mock issued), so both modes write and echo the same bytes.
 //!
 //! Benches, each for `static` and `jwt`: `get` (no body) and `post_200b` (a 200-byte JSON body), 16 keep-alive
-//! connections. After criterion, an interleaved A/B run (static, JWT, static, ... in short rounds) prints the
+//! connections. `replay_head/*` prices the head's keeping alone (a clone of the rewritten head's parts, the
+//! proxy's form before issue 12, against the packed [`ReplayHead`]). After criterion, an interleaved A/B run (static, JWT, static, ... in short rounds) prints the
 //! median JWT / static ratio for each, which drifts less with the machine's load than two separate benches.
 
+use std::hint::black_box;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -25,6 +27,7 @@ use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
 use zapsign_proxy::config::Config;
 use zapsign_proxy::mock::{MockZapSign, DEMO_ORGANIZATION_ID, DEMO_PASSWORD, DEMO_USERNAME};
+use zapsign_proxy::replay::ReplayHead;
 use zapsign_proxy::Listeners;
 
 /// Concurrent keep-alive connections per proxy.
@@ -243,7 +246,58 @@ fn interleaved(rt: &Runtime, stat: &mut Target, jwt: &mut Target) {
     }
 }
 
-criterion_group!(benches, jwt_vs_static);
+/// A rewritten head as the proxy keeps it: values are slices of one shared buffer, as hyper parses them.
+fn rewritten_head() -> http::request::Parts {
+    use http::HeaderValue;
+    let raw = bytes::Bytes::from(
+        "zapsign-proxy.internal:8080zapsign-python/1.4.2application/jsonapplication/json312".to_owned(),
+    );
+    let at = |a: usize, b: usize| HeaderValue::from_maybe_shared(raw.slice(a..b)).unwrap();
+    let mut req = Request::post("/api/v1/docs/?page=2")
+        .header("user-agent", at(27, 47))
+        .header("accept", at(47, 63))
+        .header("content-type", at(63, 79))
+        .header("content-length", at(79, 82))
+        .header("authorization", "Bearer stale-caller-token")
+        .header("host", at(0, 27))
+        .body(())
+        .unwrap();
+    let id = zapsign_proxy::headers::ensure_request_id(req.headers_mut());
+    let mut parts = req.into_parts().0;
+    let upstream = zapsign_proxy::config::BaseUrl::parse("upstream.url", "https://api.zapsign.com.br").unwrap();
+    let target = zapsign_proxy::rewrite::upstream_target(&parts, &upstream).unwrap();
+    let bearer = zapsign_proxy::headers::bearer_value(&"t".repeat(200)).unwrap();
+    let client = zapsign_proxy::headers::client_value("10.1.2.3".parse().unwrap());
+    let ctx = zapsign_proxy::rewrite::RewriteContext {
+        authorization: &bearer,
+        client: &client,
+        proto: "http",
+        request_id: &id,
+    };
+    zapsign_proxy::rewrite::rewrite_head(&mut parts, target, &ctx);
+    parts
+}
+
+/// What keeping the head for a replay costs per request, in the two forms compared: a clone of the rewritten
+/// head's parts (what the proxy did before) and the packed [`ReplayHead`] (what it does). Both are dropped
+/// inside the iteration, as a request that never replays drops them.
+fn replay_head(c: &mut Criterion) {
+    let parts = rewritten_head();
+    let mut group = c.benchmark_group("replay_head");
+    group.bench_function("headermap_clone", |b| {
+        b.iter(|| {
+            black_box((
+                parts.method.clone(),
+                parts.uri.clone(),
+                black_box(&parts.headers).clone(),
+            ))
+        })
+    });
+    group.bench_function("packed", |b| b.iter(|| black_box(ReplayHead::keep(black_box(&parts)))));
+    group.finish();
+}
+
+criterion_group!(benches, replay_head, jwt_vs_static);
 
 fn main() {
     benches();
