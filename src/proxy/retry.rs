@@ -5,35 +5,34 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Response, StatusCode};
+use http::{HeaderValue, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::info;
 
-use super::{retry_after_secs, token_unavailable, Head, Proxy, RequestContext};
+use super::{retry_after_secs, token_unavailable, Proxy, RequestContext};
 use crate::auth::renewer::{Renewer, Trigger};
 use crate::error::ProxyError;
-use crate::headers::set_authorization;
 use crate::metrics::RateLimitedBy;
 use crate::pacing::{CallerId, Pacer};
-use crate::replay::{ForwardBody, SentBody};
+use crate::replay::{ForwardBody, ReplayHead, SentBody};
 
 impl Proxy {
     /// The upstream answered 429 (the account's budget was spent by someone else too): ZapSign refused the
     /// request unprocessed, so it is sent once more after the pause when its body is still at hand and the
-    /// pause ends within `pacing.max_wait` of when the request started waiting; else the 429 passes on.
-    #[allow(clippy::too_many_arguments)]
+    /// pause ends within `pacing.max_wait` of when the request started waiting; else the 429 passes on. `kept` is
+    /// what the first attempt kept, and the token it carried (ZapSign did not refuse it: it goes again).
     pub(super) async fn resend_after_429(
         &self,
         first: Response<Incoming>,
-        head: Head,
-        sent_body: Option<oneshot::Receiver<SentBody>>,
+        kept: (ReplayHead, Option<oneshot::Receiver<SentBody>>, &HeaderValue),
         pacer: &Pacer,
         caller: Option<&CallerId>,
         paced_from: Instant,
         ctx: &mut RequestContext<'_>,
     ) -> Result<Response<Incoming>, ProxyError> {
+        let (head, sent_body, authorization) = kept;
         let deadline = paced_from + pacer.settings().max_wait;
         if pacer.paused_until().is_some_and(|until| until > deadline) {
             info!("upstream answered 429 and its pause outlasts pacing.max_wait; passing the 429 on");
@@ -61,11 +60,15 @@ impl Proxy {
             }
         };
         self.metrics.pacing_wait(granted.waited);
+        let Some(req) = head.into_request(body, authorization) else {
+            info!("upstream answered 429 and the request head could not be kept; passing the 429 on");
+            return Ok(first);
+        };
         drop(first);
         info!("sending again after the upstream's 429 pause");
         // Over the pool: the affine connection may still be finishing the refused exchange.
         ctx.affinity = None;
-        let resp = self.send(head.into_request(body), ctx).await?;
+        let resp = self.send(req, ctx).await?;
         if resp.status() == StatusCode::TOO_MANY_REQUESTS {
             self.metrics.rate_limited(RateLimitedBy::Upstream);
             pacer.pause_after_upstream_429(retry_after_secs(resp.headers()));
@@ -82,7 +85,7 @@ impl Proxy {
     pub(super) async fn replay_after_401(
         &self,
         first: Response<Incoming>,
-        head: Head,
+        head: ReplayHead,
         sent_body: Option<oneshot::Receiver<SentBody>>,
         generation: u64,
         renewer: &Arc<Renewer>,
@@ -121,9 +124,11 @@ impl Proxy {
                 retry_after: Duration::from_secs(1),
             });
         }
+        let Some(req) = head.into_request(body, &token.header) else {
+            info!("upstream answered 401 and the request head could not be kept; passing the 401 on");
+            return Ok(first);
+        };
         drop(first);
-        let mut req = head.into_request(body);
-        set_authorization(req.headers_mut(), &token.header);
         self.metrics.replay();
         info!(
             generation = token.generation,
