@@ -286,7 +286,7 @@ impl<'w> FormatFields<'w> for JsonSpanFields {
     fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
         with_scratch(|buf| {
             buf.push('{');
-            fields.record(&mut JsonSpanVisitor { out: buf, first: true });
+            fields.record(&mut JsonFieldsVisitor::span(buf));
             buf.push('}');
             writer.write_str(buf)
         })
@@ -309,15 +309,40 @@ impl<'w> FormatFields<'w> for JsonSpanFields {
     }
 }
 
-/// Writes `"name":value` members as `JsonFields`' visitor records them: strings, integers and booleans as
-/// such, floats as `serde_json` writes them, anything else as its `Debug` text; in `Debug`'s case `log.`
-/// fields are skipped and a raw identifier's `r#` dropped.
-struct JsonSpanVisitor<'a> {
+/// Writes `"name":value` members: strings, integers and booleans as such, floats and bytes as `serde_json`
+/// writes them, anything else as its `Debug` text. One visitor for the two places JSON fields are written, which
+/// differ only where tracing-subscriber's own formatters differ (the output must stay byte for byte theirs):
+/// - a span's fields ([`JsonFieldsVisitor::span`]), as `JsonFields` records them: no comma before the first
+///   member; in `Debug`'s case `log.` fields are skipped and a raw identifier's `r#` dropped;
+/// - an event's fields ([`JsonFieldsVisitor::event`]), as `tracing-serde`'s map visitor does for the JSON
+///   formatter: each member preceded by a comma (the line's timestamp and level come first), names as declared.
+pub(super) struct JsonFieldsVisitor<'a> {
     out: &'a mut String,
+    /// No comma is due before the next member.
     first: bool,
+    /// Span rules (see above) rather than event rules.
+    span: bool,
 }
 
-impl JsonSpanVisitor<'_> {
+impl<'a> JsonFieldsVisitor<'a> {
+    /// For a span's stored fields.
+    fn span(out: &'a mut String) -> Self {
+        Self {
+            out,
+            first: true,
+            span: true,
+        }
+    }
+
+    /// For an event's fields, after members already written.
+    pub(super) fn event(out: &'a mut String) -> Self {
+        Self {
+            out,
+            first: false,
+            span: false,
+        }
+    }
+
     fn key(&mut self, name: &str) {
         if !std::mem::take(&mut self.first) {
             self.out.push(',');
@@ -327,7 +352,7 @@ impl JsonSpanVisitor<'_> {
     }
 }
 
-impl Visit for JsonSpanVisitor<'_> {
+impl Visit for JsonFieldsVisitor<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         self.key(field.name());
         push_json_str(self.out, value);
@@ -362,58 +387,14 @@ impl Visit for JsonSpanVisitor<'_> {
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         let name = field.name();
-        if name.starts_with("log.") {
-            return;
+        if self.span {
+            if name.starts_with("log.") {
+                return;
+            }
+            self.key(name.strip_prefix("r#").unwrap_or(name));
+        } else {
+            self.key(name);
         }
-        self.key(name.strip_prefix("r#").unwrap_or(name));
-        push_json_debug(self.out, value);
-    }
-}
-
-/// Writes an event's fields as `tracing-serde`'s map visitor does for the JSON formatter: named as declared,
-/// strings, numbers and booleans as such, anything else as its `Debug` text; each member preceded by a comma
-/// (the line's timestamp and level come first).
-pub(super) struct JsonEventVisitor<'a> {
-    pub(super) out: &'a mut String,
-}
-
-impl JsonEventVisitor<'_> {
-    fn key(&mut self, name: &str) {
-        self.out.push(',');
-        push_json_str(self.out, name);
-        self.out.push(':');
-    }
-}
-
-impl Visit for JsonEventVisitor<'_> {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.key(field.name());
-        push_json_str(self.out, value);
-    }
-
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.key(field.name());
-        push_int(self.out, value);
-    }
-
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.key(field.name());
-        push_int(self.out, value);
-    }
-
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.key(field.name());
-        self.out.push_str(if value { "true" } else { "false" });
-    }
-
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        self.key(field.name());
-        let json = serde_json::Value::from(value).to_string();
-        self.out.push_str(&json);
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.key(field.name());
         push_json_debug(self.out, value);
     }
 }

@@ -19,7 +19,7 @@ use tracing_subscriber::fmt::time::FormatTime;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 
-use super::fields::{push_json_str, with_scratch, JsonEventVisitor, TextVisitor};
+use super::fields::{push_json_str, with_scratch, JsonFieldsVisitor, TextVisitor};
 
 /// The target the access line is filed under: where it was logged before it moved to `logging`, so filters
 /// that name `zapsign_proxy::proxy` keep working.
@@ -256,7 +256,7 @@ fn json_line(
     out.push_str("\",\"level\":\"");
     out.push_str(meta.level().as_str());
     out.push('"');
-    event.record(&mut JsonEventVisitor { out });
+    event.record(&mut JsonFieldsVisitor::event(out));
     out.push_str(",\"target\":");
     push_json_str(out, meta.target());
     out.push_str(",\"span\":{");
