@@ -2,7 +2,7 @@
 //!
 //! Each caller HTTP/1.1 connection drives an upstream HTTP/1.1 connection from the same task while it lives. A
 //! request then costs no pool lookup, no key hashing, no hand-off to another task and no cross-task wake-up: the
-//! caller's connection and its upstream connection are polled together by one [`Paired`] future.
+//! caller's connection and its upstream connection are polled together by one [`crate::paired::Paired`] future.
 //!
 //! The upstream connection is borrowed from [`AffinePool`]: at its first request a caller connection takes an idle
 //! one (connected and TLS-handshaken already), or opens one when none is idle, and gives it back when it closes,
@@ -24,7 +24,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
-use std::task::{Context, Poll, Waker};
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, Uri, Version};
@@ -39,7 +39,8 @@ use crate::replay::ForwardBody;
 use crate::tasks::Tasks;
 use crate::upstream::Connector;
 
-type ConnFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// The future that drives an upstream connection: whoever polls it moves its bytes.
+pub(crate) type ConnFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 type Sender = http1::SendRequest<ForwardBody>;
 
 /// Caller connections that may hold an upstream connection at once. Enough for every connection of a busy
@@ -246,13 +247,13 @@ impl Drop for Closer {
     }
 }
 
-/// The state one caller connection shares between its requests and its [`Paired`] driver.
+/// The state one caller connection shares between its requests and its [`crate::paired::Paired`] driver.
 #[derive(Default)]
 pub(crate) struct Affinity {
     /// The upstream connection's sender while no request is using it. HTTP/1.1 serves one request at a time
     /// per connection, so this lock is never contended: it only moves the sender in and out.
     sender: Mutex<Option<Sender>>,
-    /// A newly attached upstream connection's driver, waiting for the [`Paired`] driver to adopt it.
+    /// A newly attached upstream connection's driver, waiting for the [`crate::paired::Paired`] driver to adopt it.
     pending: Mutex<Option<ConnFuture>>,
     has_pending: AtomicBool,
     /// Set once this caller connection holds an upstream connection; says which pool it goes back to.
@@ -359,23 +360,24 @@ impl Affinity {
         Ok(Some(sender))
     }
 
-    /// Hands `driver` to the [`Paired`] driver, which polls it from its next wake-up on.
+    /// Hands `driver` to the [`crate::paired::Paired`] driver, which polls it from its next wake-up on.
     fn adopt(&self, driver: ConnFuture) {
         *self.pending.lock().unwrap_or_else(PoisonError::into_inner) = Some(driver);
         self.has_pending.store(true, Ordering::Release);
     }
 
-    fn take_pending(&self) -> Option<ConnFuture> {
+    /// A newly attached upstream connection's driver, for the caller connection's driver to poll from now on.
+    pub(crate) fn take_pending(&self) -> Option<ConnFuture> {
         if !self.has_pending.swap(false, Ordering::AcqRel) {
             return None;
         }
         self.pending.lock().unwrap_or_else(PoisonError::into_inner).take()
     }
 
-    /// The caller connection ended: its upstream connection (driven by `driver` when the [`Paired`] driver had
+    /// The caller connection ended: its upstream connection (driven by `driver` when the [`crate::paired::Paired`] driver had
     /// adopted it) goes back to the pool. A request still in flight holds the sender, so the slot is empty and
     /// the connection closes: it is mid-exchange.
-    fn release(&self, driver: Option<ConnFuture>) {
+    pub(crate) fn release(&self, driver: Option<ConnFuture>) {
         let Some(lease) = self.lease.get() else {
             return;
         };
@@ -387,55 +389,6 @@ impl Affinity {
             return;
         };
         lease.0.give_back(Upstream { sender, driver });
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// Drives a caller connection and its affine upstream connection in one task.
-    pub(crate) struct Paired<S> {
-        #[pin]
-        server: S,
-        client: Option<ConnFuture>,
-        affinity: Arc<Affinity>,
-    }
-
-    impl<S> PinnedDrop for Paired<S> {
-        fn drop(this: Pin<&mut Self>) {
-            // The caller's connection ended (or the task was cancelled): the upstream connection goes back to the
-            // pool when it can carry another request, and is closed otherwise.
-            let this = this.project();
-            this.affinity.release(this.client.take());
-        }
-    }
-}
-
-impl<S> Paired<S> {
-    /// Pairs `server` (the caller's connection) with whatever upstream connection `affinity` attaches.
-    pub(crate) fn new(server: S, affinity: Arc<Affinity>) -> Self {
-        Self {
-            server,
-            client: None,
-            affinity,
-        }
-    }
-}
-
-impl<S: Future> Future for Paired<S> {
-    type Output = S::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<S::Output> {
-        let this = self.project();
-        let done = this.server.poll(cx);
-        if let Some(new) = this.affinity.take_pending() {
-            // A newer upstream connection replaces a closed one.
-            *this.client = Some(new);
-        }
-        if let Some(client) = this.client.as_mut() {
-            if client.as_mut().poll(cx).is_ready() {
-                *this.client = None;
-            }
-        }
-        done
     }
 }
 

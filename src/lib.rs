@@ -10,7 +10,8 @@
 //! - [`access`]: the access policy (caller networks, client keys, paths) and its checks, swapped whole on reload.
 //! - [`headers`]: the header and query rules, as pure functions; [`rewrite`] applies them to a request head
 //!   in their one order (the proxy, the fuzz target and the bench call it).
-//! - [`affinity`]: each caller HTTP/1.1 connection drives its own upstream connection in the same task.
+//! - [`affinity`]: each caller HTTP/1.1 connection drives its own upstream connection in the same task;
+//!   [`paired`] polls the two with a waker each, under one deadline per connection.
 //! - [`upstream`]: the pooled hyper client over rustls towards ZapSign; [`tls`] builds its trust roots.
 //! - [`auth`]: the lock-free token holder and (JWT mode) the login/refresh machinery.
 //! - [`reload`]: re-reads the configuration on SIGHUP or when a secret file changes, and applies it live
@@ -42,6 +43,7 @@ pub mod metrics;
 #[cfg(feature = "mock")]
 pub mod mock;
 pub mod pacing;
+pub mod paired;
 pub mod proxy;
 pub mod reload;
 pub mod replay;

@@ -28,6 +28,7 @@ use crate::headers::{ensure_request_id, fit_to_upstream_version, remove_hop_by_h
 use crate::logging;
 use crate::metrics::{Metrics, RateLimitedBy, UpstreamErrorKind};
 use crate::pacing::{CallerId, Pacer, Refused};
+use crate::paired::Pair;
 use crate::replay::{ForwardBody, ReplayBudget, ReplayHead};
 use crate::rewrite::{rewrite_head, upstream_target, RewriteContext};
 use crate::tasks::Tasks;
@@ -84,16 +85,25 @@ pub(crate) struct CallerConn {
     pub(crate) client_value: HeaderValue,
     /// The connection's own upstream connection (HTTP/1.1 callers); `None` uses the pool.
     pub(crate) affinity: Option<Arc<Affinity>>,
+    /// The connection's deadline (HTTP/1.1 callers), which keeps `upstream.response_timeout` for its requests;
+    /// `None`: a timer per request (HTTP/2 streams).
+    pub(crate) pair: Option<Arc<Pair>>,
 }
 
 impl CallerConn {
     /// The per-connection state for `peer`.
-    pub(crate) fn new(peer: SocketAddr, proto: &'static str, affinity: Option<Arc<Affinity>>) -> Self {
+    pub(crate) fn new(
+        peer: SocketAddr,
+        proto: &'static str,
+        affinity: Option<Arc<Affinity>>,
+        pair: Option<Arc<Pair>>,
+    ) -> Self {
         Self {
             peer,
             proto,
             client_value: crate::headers::client_value(peer.ip().to_canonical()),
             affinity,
+            pair,
         }
     }
 }
@@ -104,6 +114,8 @@ impl CallerConn {
 struct RequestContext<'a> {
     /// The caller connection's own upstream connection (HTTP/1.1 callers).
     affinity: Option<&'a Affinity>,
+    /// The caller connection's deadline (HTTP/1.1 callers).
+    pair: Option<&'a Pair>,
     /// The id of the client key the caller presented.
     key_id: Option<Arc<str>>,
     /// Time from sending upstream until the response head arrived (the last attempt, when replayed).
@@ -122,6 +134,11 @@ impl Proxy {
         }
     }
 
+    /// `upstream.response_timeout`, for the deadline of each caller connection.
+    pub(crate) fn response_timeout(&self) -> Duration {
+        self.response_timeout
+    }
+
     /// Serves one request from the caller on `conn`. Never fails: every error becomes the contract's JSON
     /// answer.
     pub(crate) async fn handle(&self, req: Request<Incoming>, conn: &CallerConn) -> Response<ResponseBody> {
@@ -132,6 +149,7 @@ impl Proxy {
         let span = logging::request_span(&request_id, &parts.method, parts.uri.path());
         let mut ctx = RequestContext {
             affinity: conn.affinity.as_deref(),
+            pair: conn.pair.as_deref(),
             timed: tracing::enabled!(tracing::Level::INFO),
             ..RequestContext::default()
         };
@@ -274,23 +292,29 @@ impl Proxy {
         req: Request<ForwardBody>,
         ctx: &mut RequestContext<'_>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let sent = ctx.timed.then(Instant::now);
-        let result = tokio::time::timeout(self.response_timeout, self.exchange(req, ctx.affinity)).await;
-        ctx.upstream = sent.map(|s| s.elapsed());
+        let sent = Instant::now();
+        // HTTP/1.1 callers: the connection's one deadline keeps the response timeout (no timer per request).
+        let result = match ctx.pair {
+            Some(pair) => pair.until_overdue(sent, self.exchange(req, ctx.affinity)).await,
+            None => tokio::time::timeout(self.response_timeout, self.exchange(req, ctx.affinity))
+                .await
+                .ok(),
+        };
+        ctx.upstream = ctx.timed.then(|| sent.elapsed());
         match result {
-            Err(_) => {
+            None => {
                 self.metrics.upstream_error(UpstreamErrorKind::Timeout);
                 Err(ProxyError::UpstreamTimeout {
                     timeout: self.response_timeout,
                 })
             }
-            Ok(Err(err)) => {
+            Some(Err(err)) => {
                 if let ProxyError::UpstreamUnreachable { kind, .. } = &err {
                     self.metrics.upstream_error((*kind).into());
                 }
                 Err(err)
             }
-            Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            Some(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 // The proxy never asks for an upgrade (it strips `Upgrade`): a 101 is the upstream breaking HTTP.
                 self.metrics.upstream_error(UpstreamErrorKind::Protocol);
                 Err(ProxyError::UpstreamUnreachable {
@@ -298,7 +322,7 @@ impl Proxy {
                     detail: "the upstream switched protocols without being asked".into(),
                 })
             }
-            Ok(Ok(mut resp)) => {
+            Some(Ok(mut resp)) => {
                 remove_hop_by_hop(resp.headers_mut());
                 Ok(resp)
             }

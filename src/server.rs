@@ -21,9 +21,10 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::affinity::{Affinity, Paired};
+use crate::affinity::Affinity;
 use crate::config::ServerConfig;
 use crate::memory::Trimmer;
+use crate::paired::{HeadTimeout, Pair, Paired, Tracked};
 use crate::proxy::{CallerConn, Proxy};
 use crate::shutdown::ShutdownSignal;
 use crate::tasks::Tasks;
@@ -37,14 +38,16 @@ struct ConnSettings {
     /// HTTP/2 streams are spawned on the run's [`Tasks`], so they end with it.
     http2: http2::Builder<Tasks>,
     header_read_timeout: Duration,
+    /// `upstream.response_timeout`, kept by each HTTP/1.1 connection's deadline.
+    response_timeout: Duration,
 }
 
 impl ConnSettings {
-    fn new(cfg: &ServerConfig, tasks: &Tasks) -> Self {
+    fn new(cfg: &ServerConfig, response_timeout: Duration, tasks: &Tasks) -> Self {
         let mut h1 = http1::Builder::new();
-        h1.timer(TokioTimer::new())
-            .header_read_timeout(cfg.header_read_timeout)
-            .keep_alive(true);
+        // No timer for hyper: `server.header_read_timeout` is kept by each connection's one deadline
+        // (`paired::Pair`), not by a timer hyper would allocate and register for every request.
+        h1.header_read_timeout(None).keep_alive(true);
         let mut h2 = http2::Builder::new(tasks.clone());
         h2.timer(TokioTimer::new())
             .max_concurrent_streams(256)
@@ -53,6 +56,7 @@ impl ConnSettings {
             http1: h1,
             http2: h2,
             header_read_timeout: cfg.header_read_timeout,
+            response_timeout,
         }
     }
 }
@@ -71,7 +75,7 @@ pub async fn serve(
     mut shutdown: ShutdownSignal,
     tasks: &Tasks,
 ) {
-    let settings = Arc::new(ConnSettings::new(cfg, tasks));
+    let settings = Arc::new(ConnSettings::new(cfg, proxy.response_timeout(), tasks));
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
     let graceful = GracefulShutdown::new();
     let trimmer = Arc::new(Trimmer::default());
@@ -152,6 +156,7 @@ async fn serve_connection<T>(
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let accepted = tokio::time::Instant::now();
     let mut prefix = [0u8; 24];
     let (len, is_h2) = match tokio::time::timeout(settings.header_read_timeout, sniff(&mut io, &mut prefix)).await {
         Ok(Ok((0, _))) => return,
@@ -173,7 +178,7 @@ async fn serve_connection<T>(
     });
     let result = if is_h2 {
         // HTTP/2 callers multiplex: their requests share the pool.
-        let conn = Arc::new(CallerConn::new(peer, proto, None));
+        let conn = Arc::new(CallerConn::new(peer, proto, None, None));
         let service = service_fn(move |req| {
             let (proxy, conn) = (proxy.clone(), conn.clone());
             async move { Ok::<_, Infallible>(proxy.handle(req, &conn).await) }
@@ -181,12 +186,31 @@ async fn serve_connection<T>(
         watcher.watch(settings.http2.serve_connection(io, service)).await
     } else {
         let affinity = Arc::new(Affinity::default());
-        let conn = Arc::new(CallerConn::new(peer, proto, Some(affinity.clone())));
+        // The head deadline runs from the connection's start: the sniffed bytes count against it too.
+        let pair = Pair::new(accepted, settings.header_read_timeout, settings.response_timeout);
+        let conn = Arc::new(CallerConn::new(peer, proto, Some(affinity.clone()), Some(pair.clone())));
         let service = service_fn(move |req| {
+            // In progress (no head owed by the caller) until the response is sent whole.
+            let busy = conn.pair.as_ref().map(|pair| pair.request_started());
             let (proxy, conn) = (proxy.clone(), conn.clone());
-            async move { Ok::<_, Infallible>(proxy.handle(req, &conn).await) }
+            async move {
+                let resp = proxy.handle(req, &conn).await;
+                Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, busy)))
+            }
         });
-        Paired::new(watcher.watch(settings.http1.serve_connection(io, service)), affinity).await
+        match Paired::new(
+            watcher.watch(settings.http1.serve_connection(io, service)),
+            affinity,
+            pair,
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(HeadTimeout) => {
+                debug!(%peer, "no complete request head within server.header_read_timeout; closing");
+                return;
+            }
+        }
     };
     if let Err(e) = result {
         debug!(%peer, error = %e, "connection ended with an error");

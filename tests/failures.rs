@@ -127,3 +127,46 @@ async fn max_connections_holds_extra_callers_until_a_slot_frees() {
     assert_eq!(answer.unwrap().status, 200);
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_download_read_slowly_outlives_header_read_timeout() {
+    // The caller owes no request head while its response streams: only an idle connection is cut off.
+    let h = Harness::start_static("[server]\nheader_read_timeout = \"300ms\"\n", MockConfig::default()).await;
+    const SIZE: usize = 32 << 20; // beyond what the socket buffers on the way can hold
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    stream
+        .write_all(format!("GET /api/v1/__mock/download/{SIZE}/ HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut received = Vec::with_capacity(SIZE + 4096);
+    let mut buf = vec![0u8; 512 << 10];
+    loop {
+        let n = stream.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        received.extend_from_slice(&buf[..n]);
+        let head_end = received.windows(4).position(|w| w == b"\r\n\r\n");
+        if head_end.is_some_and(|end| received.len() - end - 4 >= SIZE) {
+            break;
+        }
+        // A slow reader: the whole body takes well over header_read_timeout to arrive.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let head_end = received
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head");
+    assert!(
+        received.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&received[..head_end])
+    );
+    assert!(
+        start.elapsed() > Duration::from_millis(600),
+        "the body came too fast to test anything"
+    );
+    assert_eq!(received.len() - head_end - 4, SIZE, "the download was cut off");
+    h.shutdown().await;
+}
