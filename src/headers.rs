@@ -45,34 +45,60 @@ static HOP_BY_HOP: [&HeaderName; 10] = [
 /// `Expect` is removed too: the proxy answers `100-continue` to its caller itself (hyper does so when the body
 /// is first read), so the upstream must not wait for a body the proxy already streams.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the headers present (a handful) instead of a hashed lookup per hop-by-hop name: most
-    // requests carry none, and then nothing else is done.
-    let mut found = false;
-    let mut has_connection_list = false;
+    // One pass over the headers present (a handful), noting which of the fixed list are there: most requests
+    // carry none, and then nothing else is done; most responses only `Connection: keep-alive`, and then one
+    // header is removed, with no allocation and no lookup of names absent.
+    let mut present = 0u16;
     for name in headers.keys() {
-        if HOP_BY_HOP.contains(&name) {
-            found = true;
-            has_connection_list |= name == header::CONNECTION || name == PROXY_CONNECTION;
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name) {
+            present |= 1 << i;
         }
     }
-    if !found {
+    if present == 0 {
         return;
     }
-    if has_connection_list {
-        let named: Vec<HeaderName> = headers
-            .get_all(&header::CONNECTION)
-            .iter()
-            .chain(headers.get_all(&PROXY_CONNECTION).iter())
-            // Bytes, not text: one non-ASCII token must not hide the valid names beside it.
-            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
+    if present & CONNECTION_LISTS != 0 {
+        remove_listed(headers);
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(*name);
         }
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
+}
+
+/// The bits of `Connection` and `Proxy-Connection` in [`HOP_BY_HOP`]'s order.
+const CONNECTION_LISTS: u16 = 0b101;
+
+/// Removes every header that `Connection` and `Proxy-Connection` name, except names of the fixed list (their
+/// own removal follows when they are present). The lists are kept by reference count while the map changes;
+/// names are looked up as text, never made into owned `HeaderName`s.
+fn remove_listed(headers: &mut HeaderMap) {
+    let mut first: [Option<HeaderValue>; 2] = [None, None];
+    let mut more = Vec::new();
+    let lists = headers.get_all(&header::CONNECTION).iter();
+    for (i, list) in lists.chain(headers.get_all(&PROXY_CONNECTION).iter()).enumerate() {
+        match first.get_mut(i) {
+            Some(slot) => *slot = Some(list.clone()),
+            None => more.push(list.clone()),
+        }
+    }
+    for list in first.iter().flatten().chain(more.iter()) {
+        // Bytes, not text: one non-ASCII token must not hide the valid names beside it.
+        for token in list.as_bytes().split(|b| *b == b',') {
+            let token = token.trim_ascii();
+            if token.is_empty()
+                || HOP_BY_HOP
+                    .iter()
+                    .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(token))
+            {
+                continue;
+            }
+            // Not a valid header name (or not text): it names no header there is.
+            if let Ok(name) = std::str::from_utf8(token) {
+                headers.remove(name);
+            }
+        }
     }
 }
 
@@ -327,6 +353,26 @@ mod tests {
         assert!(!h.contains_key("x-secret-hop"));
         assert!(!h.contains_key("x-other"));
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn every_list_of_connection_and_proxy_connection_counts_past_the_first_two() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-A"),
+            ("connection", "x-b"),
+            ("proxy-connection", "X-C,\u{e9}t\u{e9}, TE"),
+            ("connection", "close,x-d"),
+            ("x-a", "1"),
+            ("x-b", "2"),
+            ("x-c", "3"),
+            ("x-d", "4"),
+            ("te", "trailers"),
+            ("close", "a header named like an option"),
+            ("x-kept", "5"),
+        ]);
+        remove_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-kept"]);
     }
 
     #[test]
