@@ -14,7 +14,6 @@ use arc_swap::ArcSwap;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -25,6 +24,7 @@ use crate::affinity::{Affinity, Paired};
 use crate::config::ServerConfig;
 use crate::memory::Trimmer;
 use crate::proxy::{CallerConn, Proxy};
+use crate::shutdown::graceful::{GracefulShutdown, Watcher};
 use crate::shutdown::ShutdownSignal;
 use crate::tasks::Tasks;
 
