@@ -14,7 +14,6 @@ use arc_swap::ArcSwap;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -26,6 +25,7 @@ use crate::config::ServerConfig;
 use crate::memory::Trimmer;
 use crate::paired::{HeadTimeout, Pair, Paired, Tracked};
 use crate::proxy::{CallerConn, Proxy};
+use crate::shutdown::graceful::{GracefulShutdown, Watcher};
 use crate::shutdown::ShutdownSignal;
 use crate::tasks::Tasks;
 

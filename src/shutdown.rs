@@ -1,9 +1,19 @@
 //! The stop signal of a run: [`Shutdown`] is flipped once, by whoever decides that the run ends, and every
-//! loop that must end with it (the accept loops, the renewer, the memory trimmer, the tracked tasks of
-//! [`crate::tasks`]) holds a [`ShutdownSignal`] and selects on [`ShutdownSignal::stopped`].
+//! loop that must end with it (the accept loops, the renewer, the memory trimmer) holds a [`ShutdownSignal`]
+//! and selects on [`ShutdownSignal::stopped`].
+//!
+//! That signal is meant for loops that check it once per turn. What is checked on every poll of many futures
+//! (every tracked task, every caller connection) uses [`StopGroup`] instead: one atomic load per poll, where a
+//! [`ShutdownSignal`] registers with a `Notify` (a lock) each time; [`graceful`] builds the caller connections'
+//! graceful shutdown on it.
 //!
 //! A leaf module on purpose: the listeners, the token renewer and the task set all wait on the same signal,
 //! and none of them should have to import another to do so.
+
+pub(crate) mod graceful;
+mod group;
+
+pub(crate) use group::{Member, StopGroup};
 
 use tokio::sync::watch;
 
