@@ -47,7 +47,8 @@ impl ConnSettings {
         let mut h1 = http1::Builder::new();
         // No timer for hyper: `server.header_read_timeout` is kept by each connection's one deadline
         // (`paired::Pair`), not by a timer hyper would allocate and register for every request.
-        h1.header_read_timeout(None).keep_alive(true);
+        // One contiguous write per response for the small JSON answers ZapSign gives (see `affinity::open`).
+        h1.header_read_timeout(None).keep_alive(true).writev(false);
         let mut h2 = http2::Builder::new(tasks.clone());
         h2.timer(TokioTimer::new())
             .max_concurrent_streams(256)
