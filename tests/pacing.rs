@@ -199,7 +199,9 @@ async fn an_upstream_429_stops_sending_until_the_window_ends_and_callers_see_no_
         ..MockConfig::default()
     };
     let h = Harness::start_static(&pacing(20, "1s", "5s", 1000), mock_cfg).await;
-    let calls: Vec<_> = (0..8)
+    // Twelve: however they straddle a wall-clock second (two windows of at most five each), one window gets
+    // more than five, so the mock answers 429 at least once (eight could split five and three).
+    let calls: Vec<_> = (0..12)
         .map(|_| {
             let addr = h.addr;
             tokio::spawn(async move { send(addr, get(addr, "/api/v1/docs/")).await.status.as_u16() })
