@@ -125,7 +125,10 @@ level = "warn"
 CONF
 }
 static_conf "${PROXY_PORT[tuned]}" "http://127.0.0.1:$UPSTREAM_PORT" "" > "$WORK/tuned.toml"
-static_conf "${PROXY_PORT[close]}" "https://127.0.0.1:$UPSTREAM_TLS_PORT" "ca_file = \"$WORK/ca.pem\"" > "$WORK/close.toml"
+# As many idle upstream connections kept as nginx's `keepalive 512`: one-request callers at 256 at once would
+# otherwise open (and TLS-handshake) a fresh upstream connection whenever more than the default 32 are idle.
+static_conf "${PROXY_PORT[close]}" "https://127.0.0.1:$UPSTREAM_TLS_PORT" "ca_file = \"$WORK/ca.pem\"
+max_idle_connections = 512" > "$WORK/close.toml"
 # Defaults: nothing about logs or auth mode set, only where to listen, the upstream and the login endpoint.
 cat > "$WORK/defaults.toml" <<CONF
 [server]
