@@ -148,21 +148,21 @@ pub struct Served<'a> {
     pub refused: Option<&'a ProxyError>,
 }
 
-/// Writes the access line of one request (`served`, at `info`) inside its `span`.
+/// Writes the access line of one request (`served`, at `info`) in its `span`: as the span's child, without
+/// entering it (an enter and an exit of the span cost about as much as formatting the line's integers).
 pub fn served(span: &Span, s: Served<'_>) {
-    span.in_scope(|| {
-        tracing::info!(
-            target: ACCESS_TARGET,
-            status = s.status,
-            duration_us = s.elapsed.as_micros() as u64,
-            upstream_us = s.upstream.map(|d| d.as_micros() as u64),
-            client = %Client(s.client),
-            key_id = s.key_id,
-            error = s.refused.map(ProxyError::code),
-            reason = s.refused.map(tracing::field::display),
-            "served"
-        )
-    });
+    tracing::info!(
+        target: ACCESS_TARGET,
+        parent: span,
+        status = s.status,
+        duration_us = s.elapsed.as_micros() as u64,
+        upstream_us = s.upstream.map(|d| d.as_micros() as u64),
+        client = %Client(s.client),
+        key_id = s.key_id,
+        error = s.refused.map(ProxyError::code),
+        reason = s.refused.map(tracing::field::display),
+        "served"
+    );
 }
 
 /// The caller's address as the access line shows it, `IpAddr`'s `Display`: an IPv4 address (the usual case)
