@@ -29,7 +29,7 @@ fn access_line(c: &mut Criterion) {
         let mut cfg = LogConfig::defaults(&|_| None);
         cfg.format = format;
         cfg.level = level.to_owned();
-        let (writer, guard) = logging::non_blocking(std::io::sink(), logging::BUFFERED_LINES);
+        let (writer, guard) = logging::batching(std::io::sink()).expect("log writer thread");
         let dispatch = logging::subscriber(&cfg, writer, false);
         tracing::dispatcher::with_default(&dispatch, || {
             group.bench_function(name, |b| {

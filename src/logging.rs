@@ -2,13 +2,12 @@
 //! on (`log.level`, or `RUST_LOG` when that is a valid filter: see [`crate::config::parse_log_filter`]); and the
 //! per-request access line (`served`), the one event every request writes at the default level.
 //!
-//! Lines are formatted on the thread that logs them but written by a thread of their own (`tracing-appender`'s
-//! non-blocking writer, a well-kept crate of the tracing project that does exactly this): a slow or stalled
-//! stderr (a full pipe to a log collector) never stalls a request. The queue between the two is bounded
-//! ([`BUFFERED_LINES`]); a line that finds it full is dropped and counted (`dropped_lines`, shown as
-//! `zapsign_proxy_log_lines_dropped_total`) rather than held in memory without end. The [`WorkerGuard`] that
-//! [`init`] returns writes out every queued line when dropped, so `main` keeps it until the proxy has stopped and
-//! no line is lost on SIGTERM.
+//! Lines are formatted on the thread that logs them but written in batches by a thread of their own
+//! ([`writer`]): a slow or stalled stderr (a full pipe to a log collector) never stalls a request. What waits is
+//! bounded ([`writer::PENDING_LIMIT`]); a line that finds it full is dropped and counted (`dropped_lines`, shown as
+//! `zapsign_proxy_log_lines_dropped_total`) rather than held in memory without end. The [`LogGuard`] that
+//! [`init`] returns writes out every waiting line when dropped, so `main` keeps it until the proxy has stopped
+//! and no line is lost on SIGTERM.
 //!
 //! The access line is formatted by a formatter of its own ([`line`]): a few hundred nanoseconds instead of
 //! several microseconds through `tracing-subscriber`'s generic formatters, in the same layout. The request
@@ -16,15 +15,15 @@
 
 mod fields;
 mod line;
+pub mod writer;
 
 use std::fmt;
-use std::io::{BufWriter, IsTerminal, Write};
+use std::io::IsTerminal;
 use std::net::IpAddr;
 use std::time::Duration;
 
 use http::{HeaderValue, Method};
 use tracing::{Dispatch, Span};
-use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::fmt::format::Format;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -34,24 +33,14 @@ use crate::config::{LogConfig, LogFormat};
 use crate::error::ProxyError;
 use fields::{JsonSpanFields, TextFields};
 use line::{Clock, LineFormat, ACCESS_TARGET, SPAN_NAME};
-
-/// Lines queued for the writer thread at most. Each queued line costs its length (about 300 bytes for an access
-/// line), and the queue's slots (32 bytes each) are allocated and touched up front, so this is kept well below
-/// `tracing-appender`'s default of 128,000 (4 MiB of slots, more than the proxy's whole idle RSS): 8,192 lines
-/// ride out a writer stalled for about a quarter second at 30,000 requests a second, in 256 KiB of slots and
-/// at most about 2.5 MiB of queued text.
-pub const BUFFERED_LINES: usize = 8192;
-
-/// The writer thread's buffer: lines that arrive together go out in one `write` instead of one each; the
-/// thread flushes whenever its queue runs empty, so a line never waits for later ones.
-const WRITE_BUFFER: usize = 64 * 1024;
+pub use writer::{batching, LogGuard, LogWriter};
 
 /// Installs the global subscriber, writing to stderr off the calling threads. Call once, from `main`, and keep
-/// the guard until the proxy has stopped: dropping it writes out the queued lines (waiting up to a second).
-#[must_use = "dropping the guard stops the log writer: keep it until the process is about to exit"]
-pub fn init(cfg: &LogConfig) -> WorkerGuard {
-    let (writer, guard) = non_blocking(std::io::stderr(), BUFFERED_LINES);
-    crate::metrics::count_log_drops(writer.error_counter());
+/// the guard until the proxy has stopped: dropping it writes out the waiting lines (waiting up to a second).
+/// Fails only when the writer thread cannot be started.
+pub fn init(cfg: &LogConfig) -> std::io::Result<LogGuard> {
+    let (writer, guard) = batching(std::io::stderr())?;
+    crate::metrics::count_log_drops(writer.dropped_counter());
     // Colour codes only for a person at a terminal: piped into a file or a log collector they are noise that
     // breaks grep and parsers.
     // A second `init` (never in the binary) keeps the first subscriber: `try_init` refuses to replace it.
@@ -59,21 +48,12 @@ pub fn init(cfg: &LogConfig) -> WorkerGuard {
     if let Some(why) = &cfg.rust_log_refused {
         tracing::warn!("{why}");
     }
-    guard
+    Ok(guard)
 }
 
 /// Log lines dropped so far because the writer's queue was full (0 before [`init`]).
 pub fn dropped_lines() -> u64 {
     crate::metrics::log_lines_dropped()
-}
-
-/// A non-blocking, lossy writer into `out` holding at most `lines` queued lines, and the guard that flushes it.
-pub fn non_blocking<W: Write + Send + 'static>(out: W, lines: usize) -> (NonBlocking, WorkerGuard) {
-    NonBlockingBuilder::default()
-        .buffered_lines_limit(lines)
-        .lossy(true)
-        .thread_name("zapsign-proxy-log")
-        .finish(BufWriter::with_capacity(WRITE_BUFFER, out))
 }
 
 /// The subscriber `init` installs, writing to `writer`: benches and tests build it around their own writer.
@@ -193,6 +173,7 @@ impl fmt::Display for Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
     use std::net::Ipv6Addr;
     use std::sync::mpsc;
     use std::sync::{Arc, Mutex};
@@ -439,26 +420,25 @@ mod tests {
     #[test]
     fn a_stalled_writer_drops_lines_beyond_the_buffer_and_metrics_count_them() {
         let (release, stalled) = mpsc::channel();
-        // No write buffer in the way: the writer thread blocks on its first line.
-        let (writer, guard) = NonBlockingBuilder::default()
-            .buffered_lines_limit(4)
-            .lossy(true)
-            .finish(Stalled(Arc::new(Mutex::new(Some(stalled)))));
-        let counter = writer.error_counter();
+        // The writer thread blocks on its first batch; what follows waits, up to the limit.
+        let (writer, guard) = batching(Stalled(Arc::new(Mutex::new(Some(stalled))))).unwrap();
+        let counter = writer.dropped_counter();
         assert!(
-            crate::metrics::count_log_drops(writer.error_counter()),
+            crate::metrics::count_log_drops(writer.dropped_counter()),
             "no other test installs a writer"
         );
         let cfg = LogConfig::defaults(&|_| None);
-        let sent = 100;
+        let pad = "x".repeat(1000);
+        // About 6.6 MB of lines: more than the first batch and the limit together can take.
+        let sent = 6000;
         tracing::dispatcher::with_default(&subscriber(&cfg, writer, false), || {
             for i in 0..sent {
-                tracing::info!(i, "line");
+                tracing::info!(i, pad, "line");
             }
         });
-        // At most the line being written and the four queued got through.
-        let dropped = counter.dropped_lines();
-        assert!(dropped >= sent - 5, "only {dropped} of {sent} lines dropped");
+        let dropped = counter.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(dropped > 0, "no line dropped beyond the limit");
+        assert!(dropped < sent, "every line dropped");
         let text = crate::metrics::Metrics::new().render(crate::metrics::TokenExpiry::NoToken);
         assert!(
             text.contains(&format!("\nzapsign_proxy_log_lines_dropped_total {dropped}\n")),

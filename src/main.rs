@@ -123,7 +123,7 @@ fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 /// Runs the proxy (see [`Mode`]).
 fn run_proxy(config: Config, mode: Mode) -> anyhow::Result<()> {
     // Held until the proxy has stopped: dropping it writes out every queued log line, so none is lost on SIGTERM.
-    let _log = logging::init(&config.log);
+    let _log = logging::init(&config.log).context("cannot start the log writer thread")?;
     runtime(config.server.workers)?.block_on(async move {
         #[cfg(feature = "mock")]
         let mut config = config;
@@ -156,7 +156,8 @@ fn run_proxy(config: Config, mode: Mode) -> anyhow::Result<()> {
 /// Runs the bundled mock alone until SIGTERM or SIGINT.
 #[cfg(feature = "mock")]
 fn run_mock(listen: std::net::SocketAddr) -> anyhow::Result<()> {
-    let _log = logging::init(&zapsign_proxy::config::LogConfig::defaults(&process_env));
+    let _log = logging::init(&zapsign_proxy::config::LogConfig::defaults(&process_env))
+        .context("cannot start the log writer thread")?;
     runtime(1)?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen)
             .await

@@ -372,16 +372,16 @@ impl Metrics {
 
 /// The log writer's count of dropped lines, process-wide like the writer (set once by `logging::init`; the
 /// logging module hands it over so this module never imports logging, which sits above it).
-static LOG_DROPS: OnceLock<tracing_appender::non_blocking::ErrorCounter> = OnceLock::new();
+static LOG_DROPS: OnceLock<Arc<AtomicU64>> = OnceLock::new();
 
 /// Shows `counter` as `zapsign_proxy_log_lines_dropped_total`; the first call wins (returns whether it did).
-pub fn count_log_drops(counter: tracing_appender::non_blocking::ErrorCounter) -> bool {
+pub fn count_log_drops(counter: Arc<AtomicU64>) -> bool {
     LOG_DROPS.set(counter).is_ok()
 }
 
 /// Log lines dropped so far because the log writer's queue was full (0 before logging started).
 pub fn log_lines_dropped() -> u64 {
-    LOG_DROPS.get().map_or(0, |c| c.dropped_lines() as u64)
+    LOG_DROPS.get().map_or(0, |c| c.load(Ordering::Relaxed))
 }
 
 /// One counter with a single label, one line per label value, in Prometheus text format.
