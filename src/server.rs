@@ -113,14 +113,10 @@ pub async fn serve(
         tasks.spawn(async move {
             match acceptor {
                 None => serve_connection(stream, peer, "http", proxy, &settings, watcher).await,
-                // The handshake counts against the header read timeout: a silent TLS client is cut off too.
-                Some(acceptor) => {
-                    match tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => serve_connection(stream, peer, "https", proxy, &settings, watcher).await,
-                        Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => debug!(%peer, "no TLS handshake within server.header_read_timeout"),
-                    }
-                }
+                // Boxed: a TLS connection's state (handshake, rustls session, its own instance of the
+                // connection's future) would otherwise size every plain connection's task too, and that whole
+                // future is copied when the task is spawned.
+                Some(acceptor) => Box::pin(serve_tls(acceptor, stream, peer, proxy, &settings, watcher)).await,
             }
             drop(permit);
             if active.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
@@ -140,6 +136,23 @@ pub async fn serve(
             proxy.refuse_waiting();
             let _ = tokio::time::timeout(REFUSALS_OUT, &mut drained).await;
         }
+    }
+}
+
+/// Serves one caller connection over TLS; the handshake counts against the header read timeout, so a silent
+/// TLS client is cut off too.
+async fn serve_tls(
+    acceptor: Arc<TlsAcceptor>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    proxy: Arc<Proxy>,
+    settings: &ConnSettings,
+    watcher: Watcher,
+) {
+    match tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => serve_connection(stream, peer, "https", proxy, settings, watcher).await,
+        Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
+        Err(_) => debug!(%peer, "no TLS handshake within server.header_read_timeout"),
     }
 }
 
@@ -184,7 +197,8 @@ async fn serve_connection<T>(
             let (proxy, conn) = (proxy.clone(), conn.clone());
             async move { Ok::<_, Infallible>(proxy.handle(req, &conn).await) }
         });
-        watcher.watch(settings.http2.serve_connection(io, service)).await
+        // Boxed: rare next to HTTP/1.1 callers, and inline it would size every connection's task.
+        Box::pin(watcher.watch(settings.http2.serve_connection(io, service))).await
     } else {
         let affinity = Arc::new(Affinity::default());
         // The head deadline runs from the connection's start: the sniffed bytes count against it too.
