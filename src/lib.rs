@@ -34,6 +34,7 @@ pub mod access;
 pub mod admin;
 pub mod affinity;
 pub mod auth;
+pub mod busy;
 pub mod config;
 pub mod error;
 pub mod headers;

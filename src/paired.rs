@@ -12,21 +12,22 @@
 //! response is due before it: not a timer registered and removed for every request (hyper's header read
 //! timer, and a `tokio::time::timeout` around each exchange, cost a timer-wheel insertion and removal and an
 //! allocation per request). The requests report what the deadline needs through [`Pair`]: when one is in
-//! progress ([`Pair::request_started`], held until its response body is sent) and when one awaits its response
+//! progress ([`Pair::request_started`], held by its response body until it is sent and by its request body until
+//! it is read: [`crate::busy`]) and when one awaits its response
 //! head ([`Pair::awaiting`]); the timer, when it fires, works out from them whether a deadline passed.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use atomic_waker::AtomicWaker;
-use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
 use crate::affinity::{Affinity, ConnFuture};
+use crate::busy::{Activity, Busy};
 
 /// The caller's side (hyper's server connection, and the requests it runs) was woken.
 const SERVER: u8 = 1;
@@ -51,14 +52,12 @@ pub(crate) struct Pair {
     task: AtomicWaker,
     /// When the connection started: every time below is in nanoseconds after it.
     origin: Instant,
+    /// Requests in progress, and when the last one ended.
+    activity: Arc<Activity>,
     /// `server.header_read_timeout`.
     header_read: Duration,
     /// `upstream.response_timeout`.
     response: Duration,
-    /// Requests whose head arrived and whose response has not been sent whole.
-    in_flight: AtomicU32,
-    /// When the last response was sent whole (the connection's start before any).
-    idle_since: AtomicU64,
     /// When the request now waiting for its response head was sent upstream; [`NONE`] when none waits.
     waiting_since: AtomicU64,
     /// The waiting request's response head is overdue.
@@ -74,10 +73,9 @@ impl Pair {
             flags: AtomicU8::new(SERVER | CLIENT | TIMER),
             task: AtomicWaker::new(),
             origin,
+            activity: Arc::new(Activity::new(origin)),
             header_read,
             response,
-            in_flight: AtomicU32::new(0),
-            idle_since: AtomicU64::new(0),
             waiting_since: AtomicU64::new(NONE),
             overdue: AtomicBool::new(false),
             armed: AtomicU64::new(nanos(header_read)),
@@ -96,10 +94,10 @@ impl Pair {
     }
 
     /// A request's head arrived: the connection is busy, and the caller owes no head, until the returned guard
-    /// is dropped (when the response has been sent whole, or the connection ends).
-    pub(crate) fn request_started(self: &Arc<Self>) -> Busy {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        Busy(self.clone())
+    /// is dropped (held by the response body until it has been sent whole, and another by the request body
+    /// until it has been read whole).
+    pub(crate) fn request_started(&self) -> Busy {
+        self.activity.busy()
     }
 
     /// A request went upstream at `sent`: its response head is due within `upstream.response_timeout`, until
@@ -139,8 +137,8 @@ impl Pair {
     fn check(&self, now: Instant) -> Check {
         let now = self.since_origin(now);
         let header_read = nanos(self.header_read);
-        let mut next = if self.in_flight.load(Ordering::Acquire) == 0 {
-            let due = self.idle_since.load(Ordering::Acquire).saturating_add(header_read);
+        let mut next = if let Some(idle_since) = self.activity.idle_since() {
+            let due = nanos(idle_since.saturating_duration_since(self.origin)).saturating_add(header_read);
             if now >= due {
                 return Check::HeadOverdue;
             }
@@ -178,60 +176,12 @@ enum Check {
     Next(Instant),
 }
 
-/// A request in progress on its connection (see [`Pair::request_started`]).
-pub(crate) struct Busy(Arc<Pair>);
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        let pair = &self.0;
-        pair.idle_since
-            .store(pair.since_origin(Instant::now()), Ordering::Release);
-        pair.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// A request waiting for its response head (see [`Pair::awaiting`]).
 pub(crate) struct Awaiting<'a>(&'a Pair);
 
 impl Drop for Awaiting<'_> {
     fn drop(&mut self) {
         self.0.waiting_since.store(NONE, Ordering::Release);
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A response body that keeps its request counted in progress ([`Busy`]) until it has been sent whole.
-    pub(crate) struct Tracked<B> {
-        #[pin]
-        body: B,
-        busy: Option<Busy>,
-    }
-}
-
-impl<B> Tracked<B> {
-    /// `body`, its request counted in progress (`busy`) while it is being sent.
-    pub(crate) fn new(body: B, busy: Option<Busy>) -> Self {
-        Self { body, busy }
-    }
-}
-
-impl<B: Body> Body for Tracked<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let this = self.project();
-        let frame = this.body.poll_frame(cx);
-        if let Poll::Ready(None) = frame {
-            this.busy.take();
-        }
-        frame
-    }
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }
 
@@ -289,7 +239,8 @@ impl<S> Paired<S> {
     /// Pairs `server` (the caller's connection) with whatever upstream connection `affinity` attaches, under the
     /// deadlines of `pair`.
     pub(crate) fn new(server: S, affinity: Arc<Affinity>, pair: Arc<Pair>) -> Self {
-        let first = pair.origin + pair.header_read;
+        // Saturating like `Pair::check`: a header_read_timeout of centuries must not overflow the clock.
+        let first = pair.origin + Duration::from_nanos(nanos(pair.header_read));
         Self {
             server,
             client: None,
@@ -314,25 +265,6 @@ impl<S: Future> Future for Paired<S> {
         for _ in 0..MAX_ROUNDS {
             // Takes the woken sides, keeps POLLING.
             let woken = pair.flags.fetch_and(POLLING, Ordering::AcqRel);
-            if woken & TIMER != 0 {
-                match pair.check(Instant::now()) {
-                    Check::HeadOverdue => return Poll::Ready(Err(HeadTimeout)),
-                    Check::Next(at) => {
-                        if at != this.timer.deadline() {
-                            this.timer.as_mut().reset(at);
-                        }
-                        // Registers the timer (or finds it fired already: then it is checked again next round).
-                        if this
-                            .timer
-                            .as_mut()
-                            .poll(&mut Context::from_waker(this.timer_waker))
-                            .is_ready()
-                        {
-                            pair.flags.fetch_or(TIMER, Ordering::AcqRel);
-                        }
-                    }
-                }
-            }
             if woken & CLIENT != 0 {
                 if let Some(client) = this.client.as_mut() {
                     if client
@@ -352,6 +284,27 @@ impl<S: Future> Future for Paired<S> {
                 if let Some(new) = this.affinity.take_pending() {
                     *this.client = Some(new);
                     pair.flags.fetch_or(CLIENT, Ordering::AcqRel);
+                }
+            }
+            // The deadline last: a head already received (but not yet parsed) when the timer fired counts, as
+            // the server's poll above has started its request.
+            if woken & TIMER != 0 {
+                match pair.check(Instant::now()) {
+                    Check::HeadOverdue => return Poll::Ready(Err(HeadTimeout)),
+                    Check::Next(at) => {
+                        if at != this.timer.deadline() {
+                            this.timer.as_mut().reset(at);
+                        }
+                        // Registers the timer (or finds it fired already: then it is checked again next round).
+                        if this
+                            .timer
+                            .as_mut()
+                            .poll(&mut Context::from_waker(this.timer_waker))
+                            .is_ready()
+                        {
+                            pair.flags.fetch_or(TIMER, Ordering::AcqRel);
+                        }
+                    }
                 }
             }
             if pair

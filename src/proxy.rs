@@ -21,6 +21,7 @@ use crate::affinity::{AffinePool, Affinity, Miss};
 use crate::auth::holder::TokenUnavailable;
 use crate::auth::renewer::{Renewer, Trigger};
 use crate::auth::{Token, TokenHolder};
+use crate::busy::CallerBody;
 use crate::config::BaseUrl;
 use crate::error::UpstreamFailure;
 use crate::error::{error_chain, ProxyError};
@@ -141,7 +142,7 @@ impl Proxy {
 
     /// Serves one request from the caller on `conn`. Never fails: every error becomes the contract's JSON
     /// answer.
-    pub(crate) async fn handle(&self, req: Request<Incoming>, conn: &CallerConn) -> Response<ResponseBody> {
+    pub(crate) async fn handle(&self, req: Request<CallerBody>, conn: &CallerConn) -> Response<ResponseBody> {
         let peer = conn.peer;
         let start = Instant::now();
         let (mut parts, body) = req.into_parts();
@@ -189,7 +190,7 @@ impl Proxy {
     async fn forward(
         &self,
         mut parts: Parts,
-        body: Incoming,
+        body: CallerBody,
         conn: &CallerConn,
         now: Instant,
         request_id: &HeaderValue,

@@ -26,8 +26,9 @@ use http::header::AUTHORIZATION;
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::sync::oneshot;
+
+use crate::busy::CallerBody;
 
 /// Process-wide bytes kept for replays.
 #[derive(Debug)]
@@ -257,7 +258,7 @@ impl Drop for ReplayCopy {
 #[derive(Debug)]
 pub struct SentBody {
     kept: ReplayCopy,
-    rest: Option<Incoming>,
+    rest: Option<CallerBody>,
 }
 
 impl SentBody {
@@ -271,7 +272,7 @@ impl SentBody {
 #[derive(Debug)]
 pub enum ForwardBody {
     /// The caller's body as it is (static mode without pacing, or a body-less request).
-    Plain(Incoming),
+    Plain(CallerBody),
     /// The caller's body, kept as it streams. Inline: a box per request with a body cost more than the larger
     /// `Request<ForwardBody>` costs to move (measured by `benches/jwt_vs_static.rs`).
     Tee(TeeBody),
@@ -286,7 +287,11 @@ impl ForwardBody {
     /// Wraps `body` so it can be replayed; the receiver gets what was kept once hyper drops the body.
     /// A body already at its end needs no keeping: `None` then means "replay with an empty body", and nothing
     /// is allocated.
-    pub fn tee(body: Incoming, limit: u64, budget: &Arc<ReplayBudget>) -> (Self, Option<oneshot::Receiver<SentBody>>) {
+    pub fn tee(
+        body: CallerBody,
+        limit: u64,
+        budget: &Arc<ReplayBudget>,
+    ) -> (Self, Option<oneshot::Receiver<SentBody>>) {
         if body.is_end_stream() {
             return (Self::Plain(body), None);
         }
@@ -342,7 +347,7 @@ impl Body for ForwardBody {
 /// The caller's body, passed on and kept.
 #[derive(Debug)]
 pub struct TeeBody {
-    inner: Option<Incoming>,
+    inner: Option<CallerBody>,
     kept: Option<ReplayCopy>,
     ended: bool,
     tx: Option<oneshot::Sender<SentBody>>,
@@ -404,7 +409,7 @@ impl Drop for TeeBody {
 pub struct ReplayBody {
     next: usize,
     kept: ReplayCopy,
-    rest: Option<Incoming>,
+    rest: Option<CallerBody>,
 }
 
 impl Body for ReplayBody {

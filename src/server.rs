@@ -11,6 +11,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use http::Request;
+use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -21,9 +23,10 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::affinity::Affinity;
+use crate::busy::{Busy, Tracked};
 use crate::config::ServerConfig;
 use crate::memory::Trimmer;
-use crate::paired::{HeadTimeout, Pair, Paired, Tracked};
+use crate::paired::{HeadTimeout, Pair, Paired};
 use crate::proxy::{CallerConn, Proxy};
 use crate::shutdown::graceful::{GracefulShutdown, Watcher};
 use crate::shutdown::ShutdownSignal;
@@ -193,7 +196,8 @@ async fn serve_connection<T>(
     let result = if is_h2 {
         // HTTP/2 callers multiplex: their requests share the pool.
         let conn = Arc::new(CallerConn::new(peer, proto, None, None));
-        let service = service_fn(move |req| {
+        let service = service_fn(move |req: Request<Incoming>| {
+            let req = req.map(|body| Tracked::new(body, Busy::none()));
             let (proxy, conn) = (proxy.clone(), conn.clone());
             async move { Ok::<_, Infallible>(proxy.handle(req, &conn).await) }
         });
@@ -204,9 +208,16 @@ async fn serve_connection<T>(
         // The head deadline runs from the connection's start: the sniffed bytes count against it too.
         let pair = Pair::new(accepted, settings.header_read_timeout, settings.response_timeout);
         let conn = Arc::new(CallerConn::new(peer, proto, Some(affinity.clone()), Some(pair.clone())));
-        let service = service_fn(move |req| {
-            // In progress (no head owed by the caller) until the response is sent whole.
-            let busy = conn.pair.as_ref().map(|pair| pair.request_started());
+        let service = service_fn(move |req: Request<Incoming>| {
+            // In progress (no head owed by the caller) until the response has been sent whole and the request's
+            // own body read whole: an early answer to a slow upload does not make the connection idle.
+            let started = || {
+                conn.pair
+                    .as_ref()
+                    .map_or_else(Busy::none, |pair| pair.request_started())
+            };
+            let req = req.map(|body| Tracked::new(body, started()));
+            let busy = started();
             let (proxy, conn) = (proxy.clone(), conn.clone());
             async move {
                 let resp = proxy.handle(req, &conn).await;

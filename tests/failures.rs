@@ -170,3 +170,104 @@ async fn a_download_read_slowly_outlives_header_read_timeout() {
     assert_eq!(received.len() - head_end - 4, SIZE, "the download was cut off");
     h.shutdown().await;
 }
+
+/// An upstream that answers each request as soon as its head is in, then reads its body (as an API may answer a
+/// validation error early): one connection at a time, keep-alive.
+async fn early_answering_upstream() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    if conn
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    buf.drain(..end + 4);
+                    while buf.len() < length {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..length);
+                }
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn a_slow_upload_answered_early_is_not_cut_off_by_header_read_timeout() {
+    // The upstream answers before the body is all there: the caller owes no head while its body is still being
+    // read, only once both directions are done.
+    let mock = MockZapSign::start(MockConfig::default()).await.unwrap();
+    let text = "[auth]\nmode = \"static\"\napi_token = \"t\"\n[server]\nheader_read_timeout = \"300ms\"\n";
+    let h = Harness::start_with(mock, text, &early_answering_upstream().await).await;
+    let stream = TcpStream::connect(h.addr).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    const CHUNKS: usize = 20;
+    wr.write_all(
+        format!(
+            "POST /api/v1/docs/ HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            CHUNKS * 1000
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let start = Instant::now();
+    for i in 0..CHUNKS {
+        wr.write_all(&[b'u'; 1000])
+            .await
+            .unwrap_or_else(|e| panic!("upload cut off after {i} chunks ({:?}): {e}", start.elapsed()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        start.elapsed() > Duration::from_millis(900),
+        "the upload was too quick to test anything"
+    );
+    // The same connection still serves the next request.
+    wr.write_all(b"GET /api/v1/docs/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while got.windows(12).filter(|w| w == b"HTTP/1.1 200").count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no second answer: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        match tokio::time::timeout(Duration::from_secs(5), rd.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => {
+                panic!(
+                    "connection closed before the second answer: {:?}",
+                    String::from_utf8_lossy(&got)
+                )
+            }
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    h.shutdown().await;
+}

@@ -1,4 +1,5 @@
 use super::*;
+use crate::busy::Busy;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Mutex;
 
@@ -181,4 +182,67 @@ async fn a_wake_during_the_poll_is_served_in_it_without_waking_the_task() {
         before,
         "the task was woken for a wake its poll served"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_head_in_by_the_deadline_counts_even_when_the_poll_comes_after_it() {
+    // The caller's head arrived just before the deadline; the task only runs after it, woken by both the socket
+    // and the timer: the server's side (which starts the request) goes first.
+    let cell: Arc<std::sync::OnceLock<Arc<Pair>>> = Arc::default();
+    let (shared, probe) = (cell.clone(), Arc::new(Probe::default()));
+    let inner = probe.clone();
+    let held: Arc<Mutex<Vec<Busy>>> = Arc::default();
+    let keep = held.clone();
+    let server = std::future::poll_fn(move |cx| {
+        if inner.polls.fetch_add(1, Ordering::SeqCst) > 0 {
+            // The head is parsed: its request starts.
+            keep.lock().unwrap().push(shared.get().expect("set").request_started());
+        }
+        *inner.waker.lock().unwrap() = Some(cx.waker().clone());
+        Poll::<()>::Pending
+    });
+    let (mut p, pair) = paired(server, Duration::from_secs(120));
+    cell.set(pair).ok();
+    let wakes = Arc::new(TaskWakes::default());
+    let waker = Waker::from(wakes.clone());
+    let mut cx = Context::from_waker(&waker);
+    assert!(p.as_mut().poll(&mut cx).is_pending());
+    tokio::time::advance(HEAD + Duration::from_millis(5)).await;
+    probe.wake();
+    assert!(
+        p.as_mut().poll(&mut cx).is_pending(),
+        "a head that came in time was refused"
+    );
+    assert_eq!(held.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn timeouts_of_centuries_do_not_overflow_the_clock() {
+    let pair = Pair::new(Instant::now(), Duration::MAX, Duration::MAX);
+    let mut p = Box::pin(Paired::new(
+        std::future::pending::<()>(),
+        Arc::new(Affinity::default()),
+        pair.clone(),
+    ));
+    let _busy = pair.request_started();
+    let waited = pair.until_overdue(Instant::now(), tokio::time::sleep(Duration::from_secs(1)));
+    let (polled, waited) = tokio::join!(tokio::time::timeout(Duration::from_secs(3600), p.as_mut()), waited);
+    assert!(polled.is_err(), "closed");
+    assert_eq!(waited, Some(()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_body_still_being_read_keeps_the_connection_busy_after_its_answer() {
+    let (mut p, pair) = paired(std::future::pending::<()>(), Duration::from_secs(120));
+    let upload = pair.request_started();
+    let answer = pair.request_started();
+    drop(answer);
+    assert!(
+        tokio::time::timeout(HEAD * 3, p.as_mut()).await.is_err(),
+        "closed mid-upload"
+    );
+    drop(upload);
+    let ended = Instant::now();
+    assert!(matches!(p.await, Err(HeadTimeout)));
+    assert_eq!(ended.elapsed(), HEAD);
 }
