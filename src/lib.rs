@@ -12,6 +12,8 @@
 //!   in their one order (the proxy, the fuzz target and the bench call it).
 //! - [`affinity`]: each caller HTTP/1.1 connection drives its own upstream connection in the same task;
 //!   [`paired`] polls the two with a waker each, under one deadline per connection.
+//! - [`busy`]: whether a caller connection has a request in progress (its answer still sent, or its body still
+//!   read), for that deadline.
 //! - [`upstream`]: the pooled hyper client over rustls towards ZapSign; [`tls`] builds its trust roots.
 //! - [`auth`]: the lock-free token holder and (JWT mode) the login/refresh machinery.
 //! - [`reload`]: re-reads the configuration on SIGHUP or when a secret file changes, and applies it live
