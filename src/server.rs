@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::Request;
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -216,7 +216,11 @@ async fn serve_connection<T>(
                     .as_ref()
                     .map_or_else(Busy::none, |pair| pair.request_started())
             };
-            let req = req.map(|body| Tracked::new(body, started()));
+            // A body over before it starts (a GET) holds nothing: no guard made and dropped per request.
+            let req = req.map(|body| {
+                let busy = if body.is_end_stream() { Busy::none() } else { started() };
+                Tracked::new(body, busy)
+            });
             let busy = started();
             let (proxy, conn) = (proxy.clone(), conn.clone());
             async move {
