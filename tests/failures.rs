@@ -4,6 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::raw_upstream::{Conn, RawUpstream};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -171,49 +172,15 @@ async fn a_download_read_slowly_outlives_header_read_timeout() {
     h.shutdown().await;
 }
 
-/// An upstream that answers each request as soon as its head is in, then reads its body (as an API may answer a
-/// validation error early): one connection at a time, keep-alive.
-async fn early_answering_upstream() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match conn.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                    let length: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .map_or(0, |v| v.trim().parse().unwrap());
-                    if conn
-                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                    buf.drain(..end + 4);
-                    while buf.len() < length {
-                        match conn.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    buf.drain(..length);
-                }
-            });
+/// Answers each request as soon as its head is in, then reads its body (as an API may answer a validation error
+/// early).
+async fn answer_before_the_body(mut conn: Conn) {
+    while let Some((_, framing)) = conn.read_head().await {
+        let answered = conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+        if answered.is_err() || !conn.read_body(framing).await {
+            return;
         }
-    });
-    url
+    }
 }
 
 #[tokio::test]
@@ -222,7 +189,8 @@ async fn a_slow_upload_answered_early_is_not_cut_off_by_header_read_timeout() {
     // read, only once both directions are done.
     let mock = MockZapSign::start(MockConfig::default()).await.unwrap();
     let text = "[auth]\nmode = \"static\"\napi_token = \"t\"\n[server]\nheader_read_timeout = \"300ms\"\n";
-    let h = Harness::start_with(mock, text, &early_answering_upstream().await).await;
+    let up = RawUpstream::start(answer_before_the_body).await;
+    let h = Harness::start_with(mock, text, &up.url()).await;
     let stream = TcpStream::connect(h.addr).await.unwrap();
     let (mut rd, mut wr) = stream.into_split();
     const CHUNKS: usize = 20;
@@ -269,5 +237,6 @@ async fn a_slow_upload_answered_early_is_not_cut_off_by_header_read_timeout() {
             Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
         }
     }
+    up.assert_nothing_malformed();
     h.shutdown().await;
 }

@@ -286,6 +286,17 @@ impl Conn {
         complete.then_some(req)
     }
 
+    /// Reads the body of a request whose head `read_head` returned (after answering it early, say); false when
+    /// the peer closed or reset mid-body.
+    pub async fn read_body(&mut self, framing: Framing) -> bool {
+        let mut body = Vec::new();
+        match framing {
+            Framing::None => true,
+            Framing::Length(n) => self.read_exact_body(n, &mut body).await,
+            Framing::Chunked => self.read_chunked(&mut body).await,
+        }
+    }
+
     /// Reads a head, records the request with no body read, and returns it with its framing.
     pub async fn read_head_recorded(&mut self) -> Option<(RawRequest, Framing)> {
         let (req, framing) = self.read_head().await?;
